@@ -1,0 +1,22 @@
+"""Wire protocol, config and error codes. Pure data: nothing here does I/O."""
+
+from .errors import ErrorCode, TokenHiveError
+from .frames import PROTOCOL_VERSION, VERSION_FRAME
+from .messages import (
+    Chunk,
+    Error,
+    Final,
+    Health,
+    Kind,
+    Message,
+    Priority,
+    Request,
+    Sampling,
+    Timings,
+    Usage,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION", "VERSION_FRAME", "Chunk", "Error", "ErrorCode", "Final", "Health",
+    "Kind", "Message", "Priority", "Request", "Sampling", "Timings", "TokenHiveError", "Usage",
+]

@@ -1,0 +1,168 @@
+"""Configuration as msgspec Structs: the broker, each worker, and a whole pool (TOML).
+
+Unknown keys are errors that name the key (``forbid_unknown_fields``). Worker specs are a
+tagged union on ``backend``, so each backend declares exactly the keys it accepts.
+
+A pool file for ``tokenhive up``::
+
+    [broker]
+    clients = "tcp://127.0.0.1:5555"
+    workers = "ipc:///tmp/tokenhive-workers"
+
+    [[workers]]
+    backend = "gguf"
+    model = "gemma3-270m"          # the name clients ask for
+    path = "/models/gemma.gguf"
+    count = 2                      # replicas
+    gpus = [0, 1]                  # replica i gets CUDA_VISIBLE_DEVICES=gpus[i]
+
+API keys never appear in config values: config names an environment variable
+(``api_key_env``) or a file (``api_key_file``) that holds the key.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+DEFAULT_CLIENTS = "tcp://127.0.0.1:5555"
+DEFAULT_WORKERS = "ipc:///tmp/tokenhive-workers.sock"
+
+
+class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    clients: str = DEFAULT_CLIENTS
+    workers: str = DEFAULT_WORKERS
+    heartbeat_interval: float = 1.0  # seconds between pings, both ways
+    heartbeat_liveness: int = 3  # missed heartbeats before a worker is dead
+    client_liveness: float = 10.0  # seconds of client silence before its work is cancelled
+    queue_size: int = 10_000  # per model; beyond it requests get `overloaded`
+    max_attempts: int = 3  # dispatch attempts when workers die before streaming
+    retry_after: float = 1.0  # hint sent with `overloaded`
+    balancer: str = "least_loaded"  # least_loaded | round_robin | fastest
+    hwm: int = 100_000  # ZeroMQ high-water marks on both sockets
+    client_buffer: int = 10_000  # messages buffered per slow client before it is cut off
+
+
+class WorkerSpec(msgspec.Struct, tag_field="backend", forbid_unknown_fields=True, kw_only=True):
+    """Fields every backend shares."""
+
+    model: str  # the name clients ask for
+    slots: int = 1
+    count: int = 1  # replicas started by `tokenhive up`
+    id: str | None = None  # worker id; default "<model>-<index>-<pid>"
+    gpus: list[int] = msgspec.field(default_factory=list)  # CUDA_VISIBLE_DEVICES per replica
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    coalesce_ms: float = 0.0  # merge tokens produced within this window into one chunk
+    degraded_after_errors: int = 3  # consecutive backend errors that turn health degraded
+
+
+class EchoSpec(WorkerSpec, tag="echo"):
+    """Deterministic test backend: streams ``text`` (or the prompt back) at a set rate."""
+
+    text: str = ""  # scripted reply; empty -> echo the prompt / last user message
+    tokens_per_s: float = 0.0  # 0 -> as fast as possible
+    tokens: int | None = None  # emit exactly this many tokens (cycling the script)
+    context_length: int = 8192
+    embedding_dim: int = 8
+    load_seconds: float = 0.0  # simulated load time (health is `loading` meanwhile)
+
+
+class GGUFSpec(WorkerSpec, tag="gguf"):
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    cache_dir: str | None = None
+    n_ctx: int = 4096  # context per slot
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    chat_format: str | None = None  # llama-2 | llama-3 | chatml | gemma | plain; None -> GGUF template
+    embedding: bool = False
+    pooling: str | None = None  # mean | cls | last | none; None -> mean for embeddings
+    seed: int = 0
+    prefix_cache: bool = True
+
+
+class OpenAISpec(WorkerSpec, tag="openai"):
+    base_url: str = "https://api.openai.com/v1"
+    upstream_model: str | None = None  # model name sent upstream; default = model
+    chat_path: str = "/chat/completions"
+    completions_path: str = "/completions"
+    embeddings_path: str = "/embeddings"
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout: float = 120.0
+    connect_timeout: float = 10.0
+    http2: bool = True
+    include_usage: bool = True  # stream_options.include_usage
+    context_length: int = 0
+
+
+class AnthropicSpec(WorkerSpec, tag="anthropic"):
+    base_url: str = "https://api.anthropic.com"
+    upstream_model: str | None = None
+    api_key_env: str | None = "ANTHROPIC_API_KEY"
+    api_key_file: str | None = None
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = 1024
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout: float = 120.0
+    connect_timeout: float = 10.0
+    context_length: int = 0
+
+
+class AzureSpec(WorkerSpec, tag="azure"):
+    endpoint: str  # https://<resource>.openai.azure.com
+    deployment: str
+    api_version: str = "2024-10-21"
+    api_key_env: str | None = "AZURE_OPENAI_API_KEY"
+    api_key_file: str | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout: float = 120.0
+    connect_timeout: float = 10.0
+    include_usage: bool = True
+    context_length: int = 0
+
+
+class BinarySpec(WorkerSpec, tag="binary"):
+    """A local one-shot binary (llama-cli convention): prompt in argv, text on stdout."""
+
+    binary: str = "llama-completion"
+    model_path: str | None = None
+    # {binary} {model} {prompt} {max_tokens} {temperature} {seed} are substituted per argument
+    args: list[str] = msgspec.field(
+        default_factory=lambda: ["-m", "{model}", "-p", "{prompt}", "-n", "{max_tokens}", "-no-cnv"]
+    )
+    timeout: float = 300.0
+    default_max_tokens: int = 256
+    context_length: int = 0
+
+
+AnyWorkerSpec = EchoSpec | GGUFSpec | OpenAISpec | AnthropicSpec | AzureSpec | BinarySpec
+
+
+class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What one worker process needs: where the broker is, and what it serves."""
+
+    broker: str = DEFAULT_WORKERS
+    spec: AnyWorkerSpec
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3  # missed broker pings before reconnecting
+    reconnect_max: float = 5.0  # backoff ceiling, seconds
+    drain_timeout: float = 30.0  # SIGTERM: wait this long for in-flight work
+
+
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A whole pool, as `tokenhive up` reads it from TOML."""
+
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    workers: list[AnyWorkerSpec] = msgspec.field(default_factory=list)
+    log_level: str = "info"
+    restart_backoff_max: float = 30.0  # seconds, for restarting dead workers
+
+
+def load_pool_config(text: str | bytes) -> PoolConfig:
+    """Parse a TOML pool file; unknown keys raise msgspec.ValidationError naming the key."""
+    return msgspec.toml.decode(text, type=PoolConfig)

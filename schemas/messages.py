@@ -1,0 +1,285 @@
+"""Every message on the wire, as msgspec Structs in one tagged union per direction.
+
+Framing (see ``schemas/frames.py``): every ZeroMQ message carries a protocol-version frame
+first, so a peer speaking another version is told so instead of being misread.
+
+Stream messages (Chunk, Final, Error) are produced by workers, forwarded by the broker to the
+client byte for byte, and decoded only by the client. They are ``array_like`` and
+``omit_defaults`` because they are the high-volume traffic.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from .errors import RETRYABLE, ErrorCode, TokenHiveError, error_class
+
+# ---------------------------------------------------------------------------------------------
+# Request
+# ---------------------------------------------------------------------------------------------
+
+
+class Kind(str, enum.Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+class Priority(enum.IntEnum):
+    """Higher leaves the queue first."""
+
+    BATCH = 0
+    NORMAL = 1
+    INTERACTIVE = 2
+
+
+class Message(msgspec.Struct, omit_defaults=True):
+    """One chat turn: role is system, user, assistant or tool."""
+
+    role: str
+    content: str
+    name: str | None = None
+
+
+class Sampling(msgspec.Struct, omit_defaults=True):
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    seed: int | None = None
+
+
+class Request(msgspec.Struct, omit_defaults=True):
+    """A generation request, as a client submits it.
+
+    ``deadline`` is an absolute wall-clock time (``time.time()`` seconds); ``timeout`` is a
+    relative alternative the broker turns into a deadline on arrival.
+    """
+
+    id: str
+    model: str
+    kind: Kind = Kind.CHAT
+    messages: list[Message] = msgspec.field(default_factory=list)
+    prompt: str | None = None
+    input: list[str] = msgspec.field(default_factory=list)  # embedding inputs
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    stream: bool = True
+    priority: int = Priority.NORMAL
+    deadline: float | None = None
+    timeout: float | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream messages: worker -> broker -> client, forwarded without re-encoding
+# ---------------------------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, omit_defaults=True, array_like=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated: bool = False  # True when the backend could not count exactly
+
+
+class Timings(msgspec.Struct, omit_defaults=True, array_like=True):
+    """Milliseconds."""
+
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Chunk(msgspec.Struct, tag="c", array_like=True, omit_defaults=True):
+    id: str
+    seq: int
+    text: str = ""
+    tokens: int = 0
+
+
+class Final(msgspec.Struct, tag="f", array_like=True, omit_defaults=True):
+    id: str
+    chunks: int  # number of Chunk messages sent before this one
+    finish_reason: str = "stop"  # stop | length | cancelled
+    usage: Usage = msgspec.field(default_factory=Usage)
+    timings: Timings = msgspec.field(default_factory=Timings)
+    worker: str = ""
+    embeddings: list[list[float]] | None = None
+
+
+class Error(msgspec.Struct, tag="e", array_like=True, omit_defaults=True):
+    id: str
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    chunks_sent: int = 0
+    retry_after: float | None = None
+    worker: str = ""
+
+    @classmethod
+    def of(cls, request_id: str, exc: TokenHiveError, chunks_sent: int = 0, worker: str = "") -> Error:
+        return cls(
+            id=request_id, code=exc.code, message=exc.message, retryable=exc.retryable,
+            chunks_sent=chunks_sent or exc.chunks_sent, retry_after=exc.retry_after, worker=worker,
+        )
+
+    @classmethod
+    def make(cls, request_id: str, code: ErrorCode, message: str, **kw: Any) -> Error:
+        kw.setdefault("retryable", RETRYABLE[code])
+        return cls(id=request_id, code=code, message=message, **kw)
+
+    def to_exception(self) -> TokenHiveError:
+        return error_class(self.code)(
+            self.message, retry_after=self.retry_after, chunks_sent=self.chunks_sent,
+            request_id=self.id, retryable=self.retryable,
+        )
+
+
+StreamMsg = Chunk | Final | Error
+
+# ---------------------------------------------------------------------------------------------
+# Client <-> broker
+# ---------------------------------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, tag="submit"):
+    request: Request
+
+
+class Cancel(msgspec.Struct, tag="cancel"):
+    id: str
+
+
+class Ping(msgspec.Struct, tag="ping"):
+    """Client heartbeat; the broker answers with Pong. Silence means the client is gone."""
+
+    at: float = 0.0
+
+
+class Pong(msgspec.Struct, tag="pong", array_like=True):
+    at: float = 0.0
+
+
+class StatusQuery(msgspec.Struct, tag="status?"):
+    pass
+
+
+class WorkerStatus(msgspec.Struct, omit_defaults=True):
+    id: str
+    model: str
+    backend: str
+    health: str
+    slots: int
+    free_slots: int
+    in_flight: int
+    device: str = ""
+    detail: str = ""
+    served: int = 0
+    failed: int = 0
+    latency_ms: float = 0.0
+    last_seen_s: float = 0.0
+
+
+class StatusReply(msgspec.Struct, tag="status", array_like=True):
+    workers: list[WorkerStatus]
+    queues: dict[str, int]  # model -> queued requests
+    in_flight: int
+    counters: dict[str, int]  # accepted, completed, failed, bad_frames, wrong_version, ...
+    uptime_s: float = 0.0
+
+
+ClientMsg = Submit | Cancel | Ping | StatusQuery
+BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply
+
+# ---------------------------------------------------------------------------------------------
+# Broker <-> worker
+# ---------------------------------------------------------------------------------------------
+
+
+class Health(str, enum.Enum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    LOADING = "loading"
+
+
+class Ready(msgspec.Struct, tag="ready", omit_defaults=True):
+    worker: str
+    model: str
+    backend: str
+    slots: int
+    context_length: int = 0
+    device: str = "cpu"
+    kinds: list[Kind] = msgspec.field(default_factory=lambda: [Kind.CHAT, Kind.COMPLETION])
+    pid: int = 0
+    memory_mb: float = 0.0
+    health: Health = Health.OK
+    detail: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag="hb", omit_defaults=True):
+    worker: str
+    free_slots: int
+    in_flight: int
+    health: Health = Health.OK
+    detail: str = ""
+    memory_mb: float = 0.0
+    retry_after: float | None = None  # set while rate limited upstream
+
+
+class Goodbye(msgspec.Struct, tag="bye", omit_defaults=True):
+    """A worker leaving on purpose (drain finished, model failed to load)."""
+
+    worker: str
+    reason: str = ""
+    code: ErrorCode | None = None
+
+
+class Dispatch(msgspec.Struct, tag="dispatch", omit_defaults=True):
+    """Work for a worker. ``key`` is the broker's routing key: the worker echoes it in the
+    route frame of every stream message so the broker routes without decoding."""
+
+    key: bytes
+    request: Request
+    queued_ms: float = 0.0
+    attempt: int = 1
+
+
+class CancelWork(msgspec.Struct, tag="cancel"):
+    key: bytes
+    reason: ErrorCode = ErrorCode.CANCELLED
+
+
+class BrokerPing(msgspec.Struct, tag="ping"):
+    at: float = 0.0
+
+
+class Reregister(msgspec.Struct, tag="rereg"):
+    """Sent to a worker the broker does not know (e.g. after a broker restart)."""
+
+
+class Rejected(msgspec.Struct, tag="rejected"):
+    """The broker refused a worker message (bad version, garbage, unknown worker)."""
+
+    code: ErrorCode
+    message: str
+
+
+WorkerMsg = Ready | Heartbeat | Goodbye
+BrokerToWorkerMsg = Dispatch | CancelWork | BrokerPing | Reregister | Rejected
+
+__all__ = [
+    "BrokerPing", "BrokerToClientMsg", "BrokerToWorkerMsg", "Cancel", "CancelWork", "Chunk",
+    "ClientMsg", "Dispatch", "Error", "Final", "Goodbye", "Health", "Heartbeat", "Kind",
+    "Message", "Ping", "Pong", "Priority", "Ready", "Rejected", "Request", "Reregister",
+    "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit", "Timings", "Usage",
+    "WorkerMsg", "WorkerStatus",
+]

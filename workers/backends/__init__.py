@@ -1,0 +1,34 @@
+"""Backends, one module each, imported lazily so a worker loads only what it uses."""
+
+from __future__ import annotations
+
+import importlib
+
+from tokenhive.schemas.config import AnyWorkerSpec
+
+from ..backend import Backend
+
+# spec tag -> "module:Class" under tokenhive.workers.backends
+REGISTRY: dict[str, str] = {
+    "echo": "echo:EchoBackend",
+    "gguf": "gguf:GGUFBackend",
+    "openai": "openai:OpenAIBackend",
+    "anthropic": "anthropic:AnthropicBackend",
+    "azure": "azure:AzureBackend",
+    "binary": "binary:BinaryBackend",
+}
+
+
+def backend_kind(spec: AnyWorkerSpec) -> str:
+    tag = type(spec).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def make_backend(spec: AnyWorkerSpec) -> Backend:
+    """Build (not start) the backend a spec names."""
+    module_name, class_name = REGISTRY[backend_kind(spec)].split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls = getattr(module, class_name)
+    backend: Backend = cls(spec)
+    return backend
