@@ -1,0 +1,43 @@
+# One entry point for people and CI. Every target installs what it needs first (idempotent).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+JOBS    ?= examples/prompts.jsonl
+OUT     ?= out/results.jsonl
+
+.PHONY: install test lint typecheck check batch bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check schemas broker workers clients tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy schemas broker workers clients
+
+check: lint typecheck test
+
+## The main job: a batch generation on the embedded default model (Gemma 3 270M).
+batch: $(STAMP)
+	mkdir -p $(dir $(OUT))
+	$(BIN)/tokenhive batch $(JOBS) -o $(OUT)
+
+bench: $(STAMP)
+	$(BIN)/python bench/broker.py
+	$(BIN)/python bench/gguf.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/remote.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
