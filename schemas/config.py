@@ -22,6 +22,8 @@ API keys never appear in config values: config names an environment variable
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 DEFAULT_CLIENTS = "tcp://127.0.0.1:5555"
@@ -40,6 +42,9 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     balancer: str = "least_loaded"  # least_loaded | round_robin | fastest
     hwm: int = 100_000  # ZeroMQ high-water marks on both sockets
     client_buffer: int = 10_000  # messages buffered per slow client before it is cut off
+    # queued requests of a model whose workers are all gone fail (worker_lost, retryable)
+    # after waiting this long for one to register; their own deadline may end them sooner
+    no_worker_timeout: float = 30.0
 
 
 class WorkerSpec(msgspec.Struct, tag_field="backend", forbid_unknown_fields=True, kw_only=True):
@@ -98,6 +103,15 @@ class OpenAISpec(WorkerSpec, tag="openai"):
     http2: bool = True
     include_usage: bool = True  # stream_options.include_usage
     context_length: int = 0
+    # What the upstream serves (a chat server may have no /embeddings, and vice versa).
+    kinds: list[Literal["chat", "completion", "embedding"]] = msgspec.field(
+        default_factory=lambda: ["chat", "completion", "embedding"]
+    )
+    # Non-standard sampling fields (top_k, min_p, repeat penalty) go only to servers that
+    # accept them, under that server's names: "llama.cpp" (llama-server, llama-cpp-python,
+    # Ollama: repeat_penalty) or "vllm" (repetition_penalty). "none": OpenAI proper.
+    sampling_extras: Literal["none", "llama.cpp", "vllm"] = "none"
+    max_tokens_field: str = "max_tokens"  # o-series OpenAI models want max_completion_tokens
 
 
 class AnthropicSpec(WorkerSpec, tag="anthropic"):
@@ -111,6 +125,7 @@ class AnthropicSpec(WorkerSpec, tag="anthropic"):
     timeout: float = 120.0
     connect_timeout: float = 10.0
     context_length: int = 0
+    http2: bool = True  # used only for https base URLs
 
 
 class AzureSpec(WorkerSpec, tag="azure"):
@@ -124,6 +139,11 @@ class AzureSpec(WorkerSpec, tag="azure"):
     connect_timeout: float = 10.0
     include_usage: bool = True
     context_length: int = 0
+    http2: bool = True  # used only for https endpoints
+    kinds: list[Literal["chat", "completion", "embedding"]] = msgspec.field(
+        default_factory=lambda: ["chat", "completion", "embedding"]
+    )
+    max_tokens_field: str = "max_tokens"
 
 
 class BinarySpec(WorkerSpec, tag="binary"):
@@ -138,6 +158,10 @@ class BinarySpec(WorkerSpec, tag="binary"):
     timeout: float = 300.0
     default_max_tokens: int = 256
     context_length: int = 0
+    strip_echo: bool = True  # drop the prompt when the binary prints it before the answer
+    # What the binary prints on stdout at end-of-generation (llama.cpp: " [end of text]");
+    # stripped, and it tells "stop" from "length". Empty: the binary prints none.
+    end_marker: str = " [end of text]"
 
 
 AnyWorkerSpec = EchoSpec | GGUFSpec | OpenAISpec | AnthropicSpec | AzureSpec | BinarySpec

@@ -1,0 +1,74 @@
+"""Whether a submitted request is accepted, and the typed error when it is not.
+
+A refused request changes nothing in the broker except a counter; the client gets exactly
+one Error for it. Checks run cheapest and most specific first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from tokenhive.schemas.errors import ErrorCode
+from tokenhive.schemas.messages import Error, Request
+
+from .registry import WorkerRegistry
+
+
+class Refusal(NamedTuple):
+    counter: str  # status counter to bump
+    error: Error
+
+
+def deadline_of(request: Request, now: float, wall_now: float) -> float | None:
+    """Monotonic deadline from ``timeout`` (relative) and/or ``deadline`` (wall clock)."""
+    deadline: float | None = None
+    if request.timeout is not None:
+        deadline = now + request.timeout
+    if request.deadline is not None:
+        from_wall = now + (request.deadline - wall_now)
+        deadline = from_wall if deadline is None else min(deadline, from_wall)
+    return deadline
+
+
+def refusal(
+    request: Request,
+    *,
+    duplicate: bool,
+    registry: WorkerRegistry,
+    queue_full: bool,
+    deadline: float | None,
+    now: float,
+    retry_after: float,
+) -> Refusal | None:
+    rid = request.id
+
+    def invalid(message: str) -> Refusal:
+        return Refusal("rejected_invalid", Error.make(rid, ErrorCode.INVALID_REQUEST, message))
+
+    if not rid:
+        return invalid("request id must not be empty")
+    if duplicate:
+        return invalid(f"duplicate request id {rid!r}: a request with this id is still pending")
+    if not request.model:
+        return invalid("request model must not be empty")
+    if request.timeout is not None and not request.timeout > 0:
+        return invalid(f"timeout must be > 0 seconds, got {request.timeout}")
+    if deadline is not None and deadline <= now:
+        return Refusal(
+            "rejected_deadline",
+            Error.make(rid, ErrorCode.DEADLINE_EXCEEDED, "deadline already passed on arrival"),
+        )
+    if not registry.known_model(request.model):
+        known = ", ".join(sorted(registry.models_seen)) or "none"
+        return Refusal("unknown_model", Error.make(
+            rid, ErrorCode.UNKNOWN_MODEL,
+            f"no worker serves model {request.model!r} (known models: {known})",
+        ))
+    if registry.of_model(request.model) and not registry.serves_kind(request.model, request.kind):
+        return invalid(f"model {request.model!r} does not serve {request.kind.value} requests")
+    if queue_full:
+        return Refusal("overloaded", Error.make(
+            rid, ErrorCode.OVERLOADED, f"queue for model {request.model!r} is full",
+            retry_after=retry_after,
+        ))
+    return None

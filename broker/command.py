@@ -1,0 +1,124 @@
+"""``python -m tokenhive.broker`` / ``tokenhive broker``: flags, config, run until a signal.
+
+Every BrokerConfig field has a flag (``queue_size`` -> ``--queue-size``); flags left out
+keep the config defaults. Once both sockets are bound the broker logs "broker ready" with
+the actual endpoints (tcp port 0 picks a free port) and, with ``--ready-file``, writes
+``{"clients": ..., "workers": ..., "pid": ...}`` there atomically, which is what tests and
+``tokenhive up`` wait for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import uvloop
+import zmq
+from tokenhive.schemas.config import BrokerConfig
+from tokenhive.schemas.logs import configure_logging
+
+from .loop import BrokerServer
+from .validate import config_problems
+
+log = logging.getLogger("tokenhive.broker")
+
+_HELP = {
+    "clients": "address clients connect to (tcp://host:0 picks a free port)",
+    "workers": "address workers connect to",
+    "heartbeat_interval": "seconds between pings to workers",
+    "heartbeat_liveness": "missed heartbeat intervals before a worker is dead",
+    "client_liveness": "seconds of client silence before its requests are cancelled",
+    "queue_size": "queued requests per model before new ones get 'overloaded'",
+    "max_attempts": "dispatches per request when workers die before streaming",
+    "retry_after": "seconds suggested to clients with 'overloaded'",
+    "balancer": "least_loaded | round_robin | fastest",
+    "hwm": "ZeroMQ high-water mark (messages) on both sockets",
+    "client_buffer": "messages buffered for a slow client before its requests are cut off",
+    "no_worker_timeout": "seconds queued requests wait when a model has no live worker",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in msgspec.structs.fields(BrokerConfig):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=type(field.default),
+            default=None,
+            metavar=type(field.default).__name__.upper(),
+            help=f"{_HELP.get(field.name, field.name)} (default: {field.default})",
+        )
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="write the bound endpoints here as JSON once ready")
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    """The config the flags describe; ValueError naming every bad value."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in msgspec.structs.fields(BrokerConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    cfg = BrokerConfig(**given)
+    problems = config_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
+def write_ready_file(path: Path, clients: str, workers: str) -> None:
+    """Atomically: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"clients": clients, "workers": workers, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+async def serve(cfg: BrokerConfig, ready_file: Path | None = None) -> int:
+    server = BrokerServer(cfg)
+    try:
+        clients, workers = server.bind()
+    except zmq.ZMQError as exc:
+        log.error("cannot bind", extra={"clients": cfg.clients, "workers": cfg.workers,
+                                        "error": str(exc)})
+        server.close(linger_ms=0)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("broker ready", extra={"clients": clients, "workers": workers, "pid": os.getpid(),
+                                    "balancer": cfg.balancer})
+    if ready_file is not None:
+        write_ready_file(ready_file, clients, workers)
+    try:
+        await server.serve(stop)
+    finally:
+        server.close()
+    log.info("broker stopped", extra={"counters": server.core.status().counters})
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError, msgspec.ValidationError) as exc:
+        log.error("bad broker config", extra={"error": str(exc)})
+        print(f"tokenhive broker: {exc}", file=sys.stderr)
+        return 2
+    return uvloop.run(serve(cfg, args.ready_file))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenhive broker", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,35 @@
+"""Semantic checks of a BrokerConfig (msgspec checks the types, this checks the values)."""
+
+from __future__ import annotations
+
+from tokenhive.schemas.config import BrokerConfig
+
+from .balancer import BALANCERS
+
+
+def config_problems(cfg: BrokerConfig) -> list[str]:
+    """Every problem, each naming its field; empty when the config is usable."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(cfg.heartbeat_interval > 0,
+         f"heartbeat_interval must be > 0, got {cfg.heartbeat_interval}")
+    need(cfg.heartbeat_liveness >= 1,
+         f"heartbeat_liveness must be >= 1, got {cfg.heartbeat_liveness}")
+    need(cfg.client_liveness > 0, f"client_liveness must be > 0, got {cfg.client_liveness}")
+    need(cfg.queue_size >= 1, f"queue_size must be >= 1, got {cfg.queue_size}")
+    need(cfg.max_attempts >= 1, f"max_attempts must be >= 1, got {cfg.max_attempts}")
+    need(cfg.retry_after >= 0, f"retry_after must be >= 0, got {cfg.retry_after}")
+    need(cfg.hwm >= 1, f"hwm must be >= 1, got {cfg.hwm}")
+    need(cfg.client_buffer >= 1, f"client_buffer must be >= 1, got {cfg.client_buffer}")
+    need(cfg.no_worker_timeout > 0, f"no_worker_timeout must be > 0, got {cfg.no_worker_timeout}")
+    need(cfg.balancer in BALANCERS,
+         f"balancer must be one of {', '.join(sorted(BALANCERS))}, got {cfg.balancer!r}")
+    for field in ("clients", "workers"):
+        address = getattr(cfg, field)
+        need(address.partition("://")[0] in ("tcp", "ipc", "inproc"),
+             f"{field} must be a tcp://, ipc:// or inproc:// address, got {address!r}")
+    return problems

@@ -1,0 +1,168 @@
+"""AsyncClient: the one client core. The sync ``Client`` and the CLI are built on it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Unpack
+
+import zmq.asyncio
+
+from tokenhive.schemas.config import DEFAULT_CLIENTS
+from tokenhive.schemas.errors import InvalidRequest
+from tokenhive.schemas.messages import Kind, Priority, Request, StatusReply
+
+from .call import Call
+from .connection import Connection, ConnectionStats
+from .request_builder import (
+    EmbedOptions,
+    MessagesArg,
+    RequestOptions,
+    build_request,
+    to_inputs,
+    to_messages,
+)
+from .result import Result
+from .retry import RetryPolicy
+from .stream import Stream
+
+
+class AsyncClient:
+    """Talks to a tokenhive broker over one DEALER socket, on the caller's event loop.
+
+    >>> async with AsyncClient("tcp://127.0.0.1:5555", model="gemma3-270m") as client:
+    ...     result = await client.chat("Say hi", max_tokens=16)
+    ...     async for chunk in client.stream("Count to 5"):
+    ...         print(chunk.text, end="")
+
+    ``timeout`` is the default per-request timeout (None: none). ``broker_timeout`` bounds how
+    long in-flight requests wait on a silent broker before failing with BrokerUnavailable.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_CLIENTS,
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        priority: int = Priority.NORMAL,
+        heartbeat_interval: float = 1.0,
+        broker_timeout: float = 5.0,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.model = model
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.priority = priority
+        self._conn = Connection(
+            address, heartbeat_interval=heartbeat_interval, broker_timeout=broker_timeout,
+            context=context,
+        )
+
+    @property
+    def address(self) -> str:
+        return self._conn.address
+
+    @property
+    def stats(self) -> ConnectionStats:
+        return self._conn.stats
+
+    @property
+    def in_flight(self) -> int:
+        return self._conn.in_flight
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def chat(self, messages: MessagesArg, **options: Unpack[RequestOptions]) -> Result:
+        """A chat completion. ``messages``: a user string, Messages, or OpenAI-style dicts."""
+        request = self._build(Kind.CHAT, options, messages=messages, stream=False)
+        return await Stream(Call(self._conn, request, self.retry)).collect()
+
+    async def complete(self, prompt: str, **options: Unpack[RequestOptions]) -> Result:
+        """A raw text completion of ``prompt`` (no chat template)."""
+        request = self._build(Kind.COMPLETION, options, prompt=prompt, stream=False)
+        return await Stream(Call(self._conn, request, self.retry)).collect()
+
+    def stream(
+        self,
+        messages: MessagesArg | None = None,
+        *,
+        prompt: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Stream:
+        """Chunks as they are generated: a chat if ``messages`` is given, else a completion."""
+        if (messages is None) == (prompt is None):
+            raise InvalidRequest("stream() needs exactly one of messages or prompt")
+        if messages is not None:
+            request = self._build(Kind.CHAT, options, messages=messages, stream=True)
+        else:
+            request = self._build(Kind.COMPLETION, options, prompt=prompt, stream=True)
+        return Stream(Call(self._conn, request, self.retry))
+
+    async def embed(self, inputs: str | Sequence[str], **options: Unpack[EmbedOptions]) -> Result:
+        """One vector per input, in ``Result.embeddings``."""
+        built = build_request(
+            Kind.EMBEDDING, self.model, options, inputs=to_inputs(inputs), stream=False
+        )
+        request = self._with_defaults(built, explicit_priority="priority" in options)
+        return await Stream(Call(self._conn, request, self.retry)).collect()
+
+    async def execute(self, request: Request) -> Result:
+        """Run a ready-made Request to its end (the batch runner builds its own)."""
+        return await Stream(Call(self._conn, self._with_defaults(request), self.retry)).collect()
+
+    def stream_request(self, request: Request) -> Stream:
+        return Stream(Call(self._conn, self._with_defaults(request), self.retry))
+
+    # -- pool -----------------------------------------------------------------------------
+
+    async def status(self, timeout: float | None = None) -> StatusReply:  # noqa: ASYNC109
+        """The broker's view of the pool: workers, queues, counters. ``timeout`` defaults
+        to ``broker_timeout``."""
+        limit = timeout if timeout is not None else self._conn.broker_timeout
+        return await self._conn.status(limit)
+
+    async def aclose(self) -> None:
+        await self._conn.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _build(
+        self,
+        kind: Kind,
+        options: RequestOptions,
+        *,
+        messages: MessagesArg | None = None,
+        prompt: str | None = None,
+        stream: bool,
+    ) -> Request:
+        if kind is Kind.CHAT:
+            assert messages is not None
+            built = to_messages(messages, options.get("system"))
+            request = build_request(kind, self.model, options, messages=built, stream=stream)
+        else:
+            if not isinstance(prompt, str):
+                raise InvalidRequest("prompt must be a string")
+            if "system" in options:
+                raise InvalidRequest("system is for chat requests, not completions")
+            request = build_request(kind, self.model, options, prompt=prompt, stream=stream)
+        return self._with_defaults(request, explicit_priority="priority" in options)
+
+    def _with_defaults(self, request: Request, explicit_priority: bool = True) -> Request:
+        if request.timeout is None and self.timeout is not None:
+            request.timeout = self.timeout
+        if not explicit_priority:
+            request.priority = self.priority
+        return request

@@ -1,0 +1,81 @@
+"""Helpers every CLI command shares: the loop runner, common flags, error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import json
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+
+from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.schemas.logs import configure_logging
+
+from .loop_thread import new_event_loop
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+BROKER_ENV = "TOKENHIVE_BROKER"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the request(s) failed; the error was printed
+EXIT_USAGE = 2  # bad flags or config
+EXIT_INTERRUPTED = 130
+
+
+def add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-level", default=default, choices=LOG_LEVELS,
+                        help=f"structured (JSON) logs on stderr at this level (default {default})")
+
+
+def add_broker(parser: argparse.ArgumentParser, required_help: str) -> None:
+    parser.add_argument("--broker", metavar="ADDR", default=os.environ.get(BROKER_ENV),
+                        help=f"broker client address, e.g. tcp://127.0.0.1:5555 "
+                             f"(env {BROKER_ENV}); {required_help}")
+
+
+def add_client_timing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker-timeout", type=float, default=5.0, metavar="S",
+                        help="fail in-flight requests after this much broker silence")
+
+
+def run_async(main: Coroutine[Any, Any, int], log_level: str) -> int:
+    """Run a command's coroutine on a loop we own (uvloop where available)."""
+    configure_logging(log_level)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        try:
+            return runner.run(main)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def report(exc: BaseException, command: str) -> int:
+    """Print a request's typed error on one line; the exit code for it."""
+    if isinstance(exc, TokenHiveError):
+        print(f"tokenhive {command}: {exc.code.value}: {exc.message}", file=sys.stderr)
+    else:
+        print(f"tokenhive {command}: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def to_plain(value: Any) -> Any:
+    """Structs as objects with named fields, also the ``array_like`` ones (Usage, Timings,
+    StatusReply) that msgspec would encode as arrays: JSON for people and ``jq``."""
+    if isinstance(value, msgspec.Struct):
+        return {name: to_plain(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(to_plain(value), ensure_ascii=False) + "\n")

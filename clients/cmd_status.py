@@ -1,0 +1,77 @@
+"""``tokenhive status``: the broker's view of the pool, as a table or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokenhive.schemas.config import DEFAULT_CLIENTS
+from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.schemas.messages import StatusReply
+
+from .async_client import AsyncClient
+from .cli_common import (
+    BROKER_ENV,
+    EXIT_OK,
+    add_broker,
+    add_log_level,
+    print_json,
+    report,
+    run_async,
+)
+
+COLUMNS = ("worker", "model", "backend", "health", "slots", "free", "in-flight", "served",
+           "failed", "latency ms", "seen s", "device")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_broker(parser, f"default {DEFAULT_CLIENTS}")
+    parser.add_argument("--json", action="store_true", help="print the StatusReply as JSON")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="give up when the broker has not answered in this long")
+    add_log_level(parser, "warning")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_async(_main(args), args.log_level)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    address = args.broker or DEFAULT_CLIENTS
+    try:
+        async with AsyncClient(address, broker_timeout=args.timeout) as client:
+            status = await client.status(timeout=args.timeout)
+    except TokenHiveError as exc:
+        if not args.broker:
+            print(f"(no --broker given and {BROKER_ENV} unset: tried {address})", file=sys.stderr)
+        return report(exc, "status")
+    if args.json:
+        print_json(status)
+    else:
+        sys.stdout.write(render(status, address))
+    return EXIT_OK
+
+
+def render(status: StatusReply, address: str) -> str:
+    rows: list[tuple[str, ...]] = [
+        (w.id, w.model, w.backend, w.health, str(w.slots), str(w.free_slots), str(w.in_flight),
+         str(w.served), str(w.failed), f"{w.latency_ms:.1f}", f"{w.last_seen_s:.1f}", w.device)
+        for w in status.workers
+    ]
+    lines = [f"broker {address}: up {status.uptime_s:.0f}s, {len(status.workers)} workers, "
+             f"{status.in_flight} in flight"]
+    lines += table(COLUMNS, rows) if rows else ["(no workers registered)"]
+    queued = ", ".join(f"{m}={n}" for m, n in sorted(status.queues.items())) or "none"
+    lines.append(f"queue depth: {queued}")
+    counters = ", ".join(f"{k}={v}" for k, v in status.counters.items() if v) or "all zero"
+    lines.append(f"counters: {counters}")
+    return "\n".join(lines) + "\n"
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]

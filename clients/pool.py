@@ -1,0 +1,152 @@
+"""A broker and its workers, started from a PoolConfig as supervised subprocesses.
+
+Order matters both ways: the broker starts first and announces its bound endpoints in its
+ready file (``--ready-file``); the workers start against them. On stop, workers go first
+(they drain in-flight work and say Goodbye), then the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from tokenhive.schemas.config import AnyWorkerSpec, BrokerConfig, PoolConfig
+from tokenhive.schemas.errors import BrokerUnavailable, ModelLoadFailed, TokenHiveError
+
+from .async_client import AsyncClient
+from .supervisor import ProcessSpec, Replica, State, Supervisor
+
+READY_HEALTH = ("ok", "degraded")
+
+
+class PoolStartError(TokenHiveError):
+    """The pool did not come up (broker never bound, workers never registered)."""
+
+
+class Endpoints(msgspec.Struct):
+    clients: str
+    workers: str
+
+
+def broker_argv(config: BrokerConfig, ready_file: Path, log_level: str) -> list[str]:
+    """The broker command line: one flag per BrokerConfig field (``queue_size`` ->
+    ``--queue-size``), as ``tokenhive.broker.command`` defines them."""
+    argv = [sys.executable, "-m", "tokenhive.broker"]
+    for field in msgspec.structs.fields(BrokerConfig):
+        argv += ["--" + field.name.replace("_", "-"), str(getattr(config, field.name))]
+    return [*argv, "--ready-file", str(ready_file), "--log-level", log_level]
+
+
+def worker_argv(spec: AnyWorkerSpec, broker: str, log_level: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tokenhive.workers", "--broker", broker,
+        "--spec-json", msgspec.json.encode(spec).decode(), "--log-level", log_level,
+    ]
+
+
+def replica_specs(spec: AnyWorkerSpec) -> list[tuple[AnyWorkerSpec, dict[str, str]]]:
+    """One (spec, env) per replica: distinct ids, and CUDA_VISIBLE_DEVICES=gpus[i] (cycling
+    when there are more replicas than gpus)."""
+    out: list[tuple[AnyWorkerSpec, dict[str, str]]] = []
+    for i in range(spec.count):
+        env = dict(spec.env)
+        if spec.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(spec.gpus[i % len(spec.gpus)])
+        worker_id = f"{spec.id}-{i}" if spec.id and spec.count > 1 else spec.id
+        out.append((msgspec.structs.replace(spec, id=worker_id, count=1), env))
+    return out
+
+
+class PoolProcesses:
+    def __init__(
+        self, config: PoolConfig, *, run_dir: Path, log_level: str = "info",
+        backoff_base: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.ready_file = run_dir / "broker.ready.json"
+        self.supervisor = Supervisor(
+            backoff_base=backoff_base, backoff_max=config.restart_backoff_max
+        )
+        self.broker: Replica | None = None
+        self.workers: list[tuple[AnyWorkerSpec, Replica]] = []
+        self.endpoints: Endpoints | None = None
+
+    async def start(self, ready_timeout: float = 30.0) -> Endpoints:
+        """Start the broker, wait until it is bound, then start every worker replica."""
+        self.ready_file.unlink(missing_ok=True)
+        self.broker = self.supervisor.start(ProcessSpec(
+            name="broker", argv=broker_argv(self.config.broker, self.ready_file, self.log_level)
+        ))
+        self.endpoints = await self._wait_ready_file(ready_timeout)
+        for spec_index, spec in enumerate(self.config.workers):
+            for i, (replica_spec, env) in enumerate(replica_specs(spec)):
+                name = f"worker[{spec_index}.{i}]:{spec.model}"
+                argv = worker_argv(replica_spec, self.endpoints.workers, self.log_level)
+                replica = self.supervisor.start(ProcessSpec(name=name, argv=argv, env=env))
+                self.workers.append((spec, replica))
+        return self.endpoints
+
+    async def wait_workers(self, client: AsyncClient, ready_timeout: float = 120.0) -> None:
+        """Until every replica that has not given up is registered and healthy at the broker.
+        Raises ModelLoadFailed when every replica gave up, PoolStartError on timeout."""
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            alive = [(s, r) for s, r in self.workers if r.state is not State.GAVE_UP]
+            if not alive:
+                reasons = sorted({f"{r.name}: {r.reason}" for _, r in self.workers})
+                raise ModelLoadFailed("every worker failed to start: " + "; ".join(reasons))
+            try:
+                status = await client.status(timeout=2.0)
+            except BrokerUnavailable:
+                status = None
+            if status is not None:
+                ready: dict[str, int] = {}
+                for w in status.workers:
+                    if w.health in READY_HEALTH:
+                        ready[w.model] = ready.get(w.model, 0) + 1
+                wanted: dict[str, int] = {}
+                for spec, _ in alive:
+                    wanted[spec.model] = wanted.get(spec.model, 0) + 1
+                if all(ready.get(m, 0) >= n for m, n in wanted.items()):
+                    return
+            if time.monotonic() >= deadline:
+                raise PoolStartError(f"workers not ready after {ready_timeout}s (see their logs)")
+            await self._changed_or(0.2)
+
+    async def stop(self, drain: float = 30.0) -> None:
+        """Workers first (they drain, up to ``drain`` seconds), then the broker."""
+        await self.supervisor.stop([r for _, r in self.workers], grace=drain)
+        if self.broker is not None:
+            await self.supervisor.stop([self.broker], grace=10.0)
+
+    async def _wait_ready_file(self, limit: float) -> Endpoints:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                try:
+                    return msgspec.convert(json.loads(self.ready_file.read_text()), Endpoints)
+                except (ValueError, msgspec.ValidationError):
+                    pass  # caught mid-write; the next poll reads it whole
+            broker = self.broker
+            if broker is not None and broker.last_exit is not None:
+                raise PoolStartError(
+                    f"the broker exited with code {broker.last_exit} before it was ready "
+                    "(its log above says why)"
+                )
+            await self._changed_or(0.05)
+        raise PoolStartError(f"the broker did not become ready in {limit}s")
+
+    async def _changed_or(self, seconds: float) -> None:
+        """Wait for a supervisor state change, at most ``seconds`` (files are polled)."""
+        changed = self.supervisor.changed
+        changed.clear()
+        try:
+            await asyncio.wait_for(changed.wait(), seconds)
+        except TimeoutError:
+            pass

@@ -1,0 +1,143 @@
+"""Turn the keyword arguments of ``chat``/``complete``/``stream``/``embed`` into a Request.
+
+Bad input raises ``InvalidRequest`` here, before anything is sent, so a caller's typo never
+reaches the broker and never costs a round trip.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TypedDict
+
+from tokenhive.schemas.errors import InvalidRequest
+from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+MessagesArg = str | Sequence[Message | Mapping[str, object]]
+
+
+class RequestOptions(TypedDict, total=False):
+    """Options every generating call accepts (all optional)."""
+
+    model: str
+    system: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    stop: str | list[str]
+    seed: int
+    sampling: Sampling  # a whole Sampling; the single fields above override its fields
+    timeout: float  # seconds for the whole request, retries included
+    request_id: str
+    priority: int
+    metadata: dict[str, str]
+
+
+class EmbedOptions(TypedDict, total=False):
+    model: str
+    timeout: float
+    request_id: str
+    priority: int
+    metadata: dict[str, str]
+
+
+_SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+    "presence_penalty", "frequency_penalty", "seed",
+)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def to_messages(messages: MessagesArg, system: str | None = None) -> list[Message]:
+    """Accept a bare user string, Message structs, or OpenAI-style dicts."""
+    if isinstance(messages, str):
+        out = [Message(role="user", content=messages)]
+    else:
+        out = [_to_message(i, m) for i, m in enumerate(messages)]
+    if system is not None:
+        out.insert(0, Message(role="system", content=system))
+    if not out:
+        raise InvalidRequest("messages must not be empty")
+    return out
+
+
+def _to_message(index: int, item: Message | Mapping[str, object]) -> Message:
+    if isinstance(item, Message):
+        msg = item
+    elif isinstance(item, Mapping):
+        role, content, name = item.get("role"), item.get("content"), item.get("name")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InvalidRequest(f"messages[{index}] needs string 'role' and 'content'")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"messages[{index}].name must be a string")
+        msg = Message(role=role, content=content, name=name)
+    else:
+        raise InvalidRequest(f"messages[{index}] is a {type(item).__name__}, not a message")
+    if msg.role not in ROLES:
+        raise InvalidRequest(f"messages[{index}].role {msg.role!r} is not one of {sorted(ROLES)}")
+    return msg
+
+
+def to_sampling(options: RequestOptions) -> Sampling:
+    base = options.get("sampling") or Sampling()
+    fields: dict[str, object] = {f: getattr(base, f) for f in base.__struct_fields__}
+    for name in _SAMPLING_FIELDS:
+        if name in options and options[name] is not None:  # type: ignore[literal-required]
+            fields[name] = options[name]  # type: ignore[literal-required]
+    stop = options.get("stop")
+    if stop is not None:
+        fields["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    sampling = Sampling(**fields)  # type: ignore[arg-type]
+    if sampling.max_tokens is not None and sampling.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+    if sampling.temperature is not None and sampling.temperature < 0:
+        raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
+    if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
+    return sampling
+
+
+def build_request(
+    kind: Kind,
+    default_model: str | None,
+    options: RequestOptions | EmbedOptions,
+    *,
+    messages: list[Message] | None = None,
+    prompt: str | None = None,
+    inputs: list[str] | None = None,
+    stream: bool = True,
+) -> Request:
+    model = options.get("model") or default_model
+    if not model:
+        raise InvalidRequest("no model given (pass model=... or set the client's default model)")
+    timeout = options.get("timeout")
+    if timeout is not None and timeout <= 0:
+        raise InvalidRequest(f"timeout must be > 0, got {timeout}")
+    request_id = options.get("request_id") or new_request_id()
+    sampling = to_sampling(options) if kind is not Kind.EMBEDDING else Sampling()  # type: ignore[arg-type]
+    return Request(
+        id=request_id, model=model, kind=kind, messages=messages or [], prompt=prompt,
+        input=inputs or [], sampling=sampling, stream=stream,
+        priority=int(options.get("priority", Priority.NORMAL)), timeout=timeout,
+        metadata=dict(options.get("metadata") or {}),
+    )
+
+
+def to_inputs(inputs: str | Sequence[str]) -> list[str]:
+    items = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not items:
+        raise InvalidRequest("embedding input must not be empty")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InvalidRequest(f"input[{i}] is a {type(item).__name__}, not a string")
+    return items

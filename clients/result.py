@@ -1,0 +1,25 @@
+"""What a finished request gives back to the caller."""
+
+from __future__ import annotations
+
+import msgspec
+
+from tokenhive.schemas.messages import Timings, Usage
+
+
+class Result(msgspec.Struct, kw_only=True):
+    """The answer to one request, after every chunk and the Final have arrived.
+
+    ``id`` is the request id that produced the answer (a retry gets a suffixed id, see
+    ``Call``); ``chunks`` counts the Chunk messages received; ``attempts`` counts submissions.
+    """
+
+    id: str
+    text: str = ""
+    finish_reason: str = ""
+    usage: Usage = msgspec.field(default_factory=Usage)
+    timings: Timings = msgspec.field(default_factory=Timings)
+    worker: str = ""
+    chunks: int = 0
+    embeddings: list[list[float]] | None = None
+    attempts: int = 1

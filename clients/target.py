@@ -1,0 +1,61 @@
+"""Where a command sends its requests: a running broker (``--broker``), or a local pool
+started for the length of the command from ``--config`` or the pool flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+
+from tokenhive.schemas.errors import InvalidRequest, UnknownModel
+
+from .async_client import AsyncClient
+from .local_pool import local_pool
+from .pool_options import ConfigError, add_pool_arguments, pool_config_from_args
+
+
+class Target(msgspec.Struct):
+    address: str
+    models: list[str]  # known when we started the pool; empty for a running broker
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", metavar="ADDR",
+                        help="a running broker's client address (tcp://host:port, ipc://path); "
+                             "without it a local pool is started for this command")
+    parser.add_argument("--ready-timeout", type=float, default=180.0, metavar="S",
+                        help="local pool: seconds to wait for the workers to load")
+    add_pool_arguments(parser)
+
+
+@asynccontextmanager
+async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
+    if args.broker:
+        pool_only = [f for f in ("config", "backend", "path", "workers", "slots", "gpus",
+                                 "spec_json") if getattr(args, f, None) is not None]
+        if pool_only or args.option:
+            names = ", ".join("--" + f.replace("_", "-") for f in pool_only) or "--option"
+            raise ConfigError(f"{names}: pool flags only apply without --broker")
+        yield Target(address=args.broker, models=[])
+        return
+    config = pool_config_from_args(args)
+    async with local_pool(config, log_level=args.log_level,
+                          ready_timeout=args.ready_timeout) as pool:
+        yield Target(address=pool.address, models=pool.models)
+
+
+async def resolve_model(client: AsyncClient, wanted: str | None, target: Target) -> str:
+    """``--model``, else the local pool's first model, else the running broker's only one."""
+    if wanted:
+        return wanted
+    if target.models:
+        return target.models[0]
+    status = await client.status()
+    served = sorted({w.model for w in status.workers})
+    if len(served) == 1:
+        return served[0]
+    if not served:
+        raise UnknownModel(f"the broker at {target.address} has no workers yet")
+    raise InvalidRequest(f"the broker serves several models ({', '.join(served)}): pass --model")

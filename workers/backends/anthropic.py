@@ -1,0 +1,199 @@
+"""Anthropic Messages API adapter (``POST /v1/messages``, streamed).
+
+Wire differences from OpenAI, all handled here:
+
+- the system prompt is a top-level ``system`` field, not a message; system turns are
+  collected (in order) and consecutive turns of one role are merged, since the API wants
+  user/assistant turns; ``tool`` turns are sent as user text;
+- ``max_tokens`` is required: ``default_max_tokens`` fills it when the request has none;
+- sampling: temperature, top_p, top_k and ``stop_sequences``; the API has no seed or
+  penalties, so those are not sent;
+- the key goes in ``x-api-key`` with an ``anthropic-version`` header;
+- the stream is typed events: ``message_start`` (input usage), ``content_block_delta`` with
+  ``text_delta`` (the text), ``message_delta`` (stop_reason, output usage), ``message_stop``,
+  ``ping``, and ``error`` (mapped like an HTTP error of the same type);
+- stop reasons ``end_turn`` / ``stop_sequence`` -> stop, ``max_tokens`` -> length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from tokenhive.schemas.config import AnthropicSpec
+from tokenhive.schemas.errors import InvalidRequest
+from tokenhive.schemas.messages import Kind, Message, Request, Usage
+
+from ..backend import Delta, Done
+from ..secrets import Secret
+from . import http_errors
+from .estimate import (
+    CHARS_PER_TOKEN,
+    estimate_prompt,
+    estimate_tokens,
+    estimated_usage,
+    finish_reason,
+)
+from .http_base import HTTPBackend
+from .sse import MalformedStream, drain, iter_sse
+
+MESSAGES_PATH = "/v1/messages"
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+    def prompt_tokens(self) -> int | None:
+        if self.input_tokens is None:
+            return None
+        cached = (self.cache_creation_input_tokens or 0) + (self.cache_read_input_tokens or 0)
+        return self.input_tokens + cached
+
+
+class _Message(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+class _Delta(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    stop_reason: str | None = None
+
+
+class _Event(msgspec.Struct):
+    type: str = ""
+    message: _Message | None = None
+    delta: _Delta | None = None
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+
+
+def messages_body(request: Request, model: str, default_max_tokens: int) -> dict[str, Any]:
+    """The JSON body of a streamed Messages API call."""
+    system, turns = split_system(request.messages)
+    if not turns:
+        raise InvalidRequest("an anthropic chat request needs at least one user message")
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.sampling.max_tokens or default_max_tokens,
+        "messages": turns,
+        "stream": True,
+    }
+    if system:
+        body["system"] = system
+    s = request.sampling
+    optional = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                "stop_sequences": s.stop or None}
+    body.update((k, v) for k, v in optional.items() if v is not None)
+    return body
+
+
+def split_system(messages: list[Message]) -> tuple[str, list[dict[str, str]]]:
+    """(system prompt, user/assistant turns with same-role neighbours merged)."""
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
+    for m in messages:
+        if m.role == "system":
+            system.append(m.content)
+            continue
+        role = "assistant" if m.role == "assistant" else "user"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + m.content
+        else:
+            turns.append({"role": role, "content": m.content})
+    return "\n\n".join(system), turns
+
+
+class AnthropicBackend(HTTPBackend):
+    backend_name = "anthropic"
+    key_required = True
+
+    def __init__(self, spec: AnthropicSpec) -> None:
+        super().__init__(spec)
+        self.anthropic = spec
+
+    def base_url(self) -> str:
+        return self.anthropic.base_url.rstrip("/")
+
+    def auth_headers(self, key: Secret | None) -> dict[str, str]:
+        headers = {"anthropic-version": self.anthropic.anthropic_version}
+        if key is not None:
+            headers["x-api-key"] = key.reveal()
+        return headers
+
+    def kinds(self) -> list[Kind]:
+        return [Kind.CHAT]  # the Messages API has no raw-completion mode
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta | Done]:
+        self.check_kind(request.kind)
+        spec = self.anthropic
+        body = messages_body(request, spec.upstream_model or spec.model, spec.default_max_tokens)
+        async with self.post_stream(MESSAGES_PATH, body) as response:
+            async for item in self._events(response, request):
+                yield item
+
+    async def _events(
+        self, response: httpx.Response, request: Request
+    ) -> AsyncIterator[Delta | Done]:
+        prompt_tokens: int | None = None
+        output_tokens: int | None = None
+        stop: str | None = None
+        stopped = False
+        chars = 0
+        events = iter_sse(response)
+        try:
+            async for event in events:
+                parsed = _decode(event.data)
+                kind = parsed.type or event.event
+                if kind == "content_block_delta":
+                    text = parsed.delta.text if parsed.delta else None
+                    if text:
+                        chars += len(text)
+                        yield Delta(text, estimate_tokens(text))
+                elif kind == "message_start":
+                    usage = parsed.message.usage if parsed.message else None
+                    if usage is not None:
+                        prompt_tokens = usage.prompt_tokens()
+                elif kind == "message_delta":
+                    if parsed.delta is not None and parsed.delta.stop_reason:
+                        stop = parsed.delta.stop_reason
+                    if parsed.usage is not None:
+                        output_tokens = parsed.usage.output_tokens or output_tokens
+                        prompt_tokens = parsed.usage.prompt_tokens() or prompt_tokens
+                elif kind == "message_stop":
+                    stopped = True
+                    break
+                elif kind == "error":
+                    raise http_errors.from_error_object(parsed.error)
+                # ping, content_block_start/stop and future event types carry no text
+        except MalformedStream as exc:
+            raise http_errors.malformed(str(exc)) from None
+        if not stopped:
+            raise http_errors.malformed("stream ended before message_stop (connection cut?)")
+        await drain(events)
+        yield Done(finish_reason(stop), _usage(request, prompt_tokens, output_tokens, chars))
+
+
+def _decode(data: str) -> _Event:
+    try:
+        return _decode_event(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise http_errors.malformed(f"data is not an anthropic event ({exc})", data) from None
+
+
+def _usage(request: Request, prompt: int | None, output: int | None, chars: int) -> Usage:
+    if prompt is not None and output is not None:
+        return Usage(prompt, output, prompt + output)
+    return estimated_usage(
+        prompt if prompt is not None else estimate_prompt(request.messages, request.prompt),
+        output if output is not None else round(chars / CHARS_PER_TOKEN),
+    )

@@ -1,0 +1,187 @@
+"""The GGUF backend: a local model served by the continuous-batching engine.
+
+Glue only: resolve the model file, pick the chat formatter, start ``GGUFEngine`` (which
+owns every llama.cpp object on its own thread), and turn each request into an engine job
+whose events arrive on an ``asyncio.Queue``. Leaving ``stream()`` early (the runtime
+cancels the task, or closes the iterator) cancels the job: the engine drops it between two
+tokens and the other sequences carry on.
+
+In embedding mode (``spec.embedding``) the model is loaded by ``GGUFEmbedder`` instead and
+only ``embed()`` is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import llama_cpp
+
+from tokenhive.schemas.config import GGUFSpec
+from tokenhive.schemas.errors import (
+    BackendError,
+    InvalidRequest,
+    ModelLoadFailed,
+    TokenHiveError,
+)
+from tokenhive.schemas.messages import Health, Kind, Request, Usage
+
+from ..backend import Backend, BackendInfo, Delta, Done, Embeddings, HealthReport
+from ..chat_format import ChatFormatter, make_chat_formatter
+from ..gguf_embed import GGUFEmbedder
+from ..gguf_engine import GGUFEngine
+from ..gguf_file import read_gguf_metadata
+from ..gguf_native import NativeParams
+from ..gguf_sampling import check_sampling
+from ..gguf_slots import Job
+from ..model_source import resolve_model
+
+
+def _device(n_gpu_layers: int) -> str:
+    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    return f"cuda:{visible}"
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class GGUFBackend(Backend):
+    def __init__(self, spec: GGUFSpec) -> None:
+        self.spec = spec
+        self.engine: GGUFEngine | None = None
+        self._embedder: GGUFEmbedder | None = None
+        self._embed_lock = asyncio.Lock()
+        self._formatter: ChatFormatter | None = None
+        self._keys = itertools.count(1)
+        self._info = BackendInfo(backend="gguf", context_length=spec.n_ctx)
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._load)
+        except TokenHiveError:
+            raise
+        except Exception as e:  # OOM, a llama.cpp refusal: one clear load failure
+            raise ModelLoadFailed(f"could not load model {self.spec.model!r}: {e}") from e
+
+    def _load(self) -> None:
+        spec = self.spec
+        path = resolve_model(spec)  # checks the file (missing, truncated) before llama.cpp
+        if spec.embedding:
+            embedder = GGUFEmbedder()
+            embedder.load(path, spec)
+            self._embedder = embedder
+            self._info = BackendInfo(
+                backend="gguf", context_length=embedder.max_tokens,
+                device=_device(spec.n_gpu_layers), kinds=[Kind.EMBEDDING], memory_mb=_rss_mb(),
+            )
+            return
+        self._formatter = make_chat_formatter(read_gguf_metadata(path), spec.chat_format)
+        engine = GGUFEngine(
+            NativeParams(
+                path=Path(path), slots=spec.slots, n_ctx=spec.n_ctx, n_batch=spec.n_batch,
+                n_threads=spec.n_threads, n_gpu_layers=spec.n_gpu_layers,
+            ),
+            seed=spec.seed, prefix_cache=spec.prefix_cache,
+        )
+        engine.start()
+        self.engine = engine
+        assert engine.native is not None
+        self._info = BackendInfo(
+            backend="gguf", context_length=spec.n_ctx, device=_device(spec.n_gpu_layers),
+            kinds=[Kind.CHAT, Kind.COMPLETION],
+            memory_mb=max(_rss_mb(), engine.native.model_bytes / 2**20),
+        )
+
+    async def close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+        embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            async with self._embed_lock:
+                await asyncio.to_thread(embedder.close)
+
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def health(self) -> HealthReport:
+        engine = self.engine
+        if engine is None:
+            return HealthReport()
+        stats = engine.stats
+        if stats.consecutive_decode_errors >= self.spec.degraded_after_errors:
+            return HealthReport(
+                health=Health.DEGRADED,
+                detail=f"{stats.consecutive_decode_errors} decode errors in a row: "
+                f"{stats.last_error}",
+            )
+        return HealthReport()
+
+    def make_job(self, request: Request) -> Job:
+        """Validate and format a request into an engine job (nothing queued yet)."""
+        if self.engine is None:
+            raise BackendError("the gguf backend is not running (embedding mode or closed)")
+        check_sampling(request.sampling)
+        stops = list(request.sampling.stop)
+        if request.kind is Kind.COMPLETION:
+            if request.prompt is None:
+                raise InvalidRequest("a completion request needs a prompt")
+            prompt, add_bos = request.prompt, self._native_add_bos()
+        elif request.kind is Kind.CHAT:
+            assert self._formatter is not None
+            prompt, add_bos = self._formatter(request.messages), self._formatter.add_bos
+            stops += [s for s in self._formatter.stop if s not in stops]
+        else:
+            raise InvalidRequest(f"{request.kind.value} requests go to an embedding worker")
+        return Job(
+            key=next(self._keys), request_id=request.id, prompt=prompt, add_bos=add_bos,
+            sampling=request.sampling, stops=stops, loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
+
+    def _native_add_bos(self) -> bool:
+        assert self.engine is not None and self.engine.native is not None
+        return self.engine.native.add_bos
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta | Done]:
+        job = self.make_job(request)
+        engine = self.engine
+        assert engine is not None
+        engine.submit(job)
+        finished = False
+        try:
+            while True:
+                event = await job.queue.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                assert isinstance(event, Delta | Done)
+                if isinstance(event, Done):
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer left early: stop generating for it
+                engine.cancel(job.key)
+
+    async def embed(self, request: Request) -> Embeddings:
+        embedder = self._embedder
+        if embedder is None:
+            raise InvalidRequest(
+                f"model {self.spec.model!r} is served for generation; embeddings need a worker "
+                "with embedding = true"
+            )
+        async with self._embed_lock:  # GGUFEmbedder is single-threaded
+            vectors, n = await asyncio.to_thread(embedder.embed, list(request.input))
+        return Embeddings(vectors=vectors, usage=Usage(prompt_tokens=n, total_tokens=n))

@@ -1,0 +1,171 @@
+"""``python -m tokenhive.workers`` (and ``tokenhive worker``): run one worker process.
+
+The spec comes from ``--spec-json`` (a whole spec tagged by ``"backend"``, as ``tokenhive up``
+passes it) and/or ``--backend``/``--model``/... flags, with ``--option KEY=VALUE`` for any other
+field of that backend's spec (the value is read as a TOML or JSON scalar, else as a plain
+string). Flags override the JSON. Validation goes through ``msgspec.convert`` so an error
+names the field.
+
+Exit codes:
+
+==  ==========================================================================
+0   stopped cleanly: SIGTERM/SIGINT, in-flight work drained, Goodbye sent
+1   crashed: an unexpected exception in the runtime (a bug; the log has it)
+2   usage or configuration error: bad flag, unknown --option key, invalid value
+3   model load failed: the backend could not start; Goodbye(model_load_failed) sent
+4   rejected by the broker: it speaks another protocol version
+==  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+import tomllib
+import typing
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+
+from tokenhive.schemas.config import AnyWorkerSpec, WorkerConfig
+from tokenhive.schemas.logs import configure_logging
+
+from .backends import REGISTRY
+from .runtime import ExitCode, WorkerRuntime
+
+log = logging.getLogger("tokenhive.worker")
+
+
+class ConfigError(Exception):
+    """A command line that does not describe a valid worker."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", help="broker's worker endpoint, e.g. ipc:///tmp/th.sock")
+    parser.add_argument("--backend", help=f"one of: {', '.join(sorted(REGISTRY))}")
+    parser.add_argument("--model", help="the model name clients ask for")
+    parser.add_argument("--slots", type=int, help="requests served at once")
+    parser.add_argument("--id", help="worker id (default <model>-<pid>)")
+    parser.add_argument("--coalesce-ms", type=float,
+                        help="merge tokens produced within this window into one chunk")
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds between heartbeats")
+    parser.add_argument("--heartbeat-liveness", type=int,
+                        help="silent broker intervals before reconnecting")
+    parser.add_argument("--reconnect-max", type=float, help="reconnect backoff ceiling, seconds")
+    parser.add_argument("--drain-timeout", type=float,
+                        help="on SIGTERM, seconds to let in-flight work finish")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other spec field of the backend (repeatable)")
+    parser.add_argument("--spec-json", help="a whole worker spec as JSON, tagged by \"backend\"")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def spec_fields(backend: str) -> list[str]:
+    for cls in typing.get_args(AnyWorkerSpec):
+        if cls.__struct_config__.tag == backend:
+            return [f.name for f in msgspec.structs.fields(cls)]
+    raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(sorted(REGISTRY))}")
+
+
+def parse_value(raw: str) -> Any:
+    """``5`` -> 5, ``0.5`` -> 0.5, ``true`` -> True, ``[0, 1]`` -> [0, 1], ``null`` -> None,
+    ``"x"`` -> "x"; anything else is the string itself (``hello world``)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def build_spec(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if args.spec_json:
+        try:
+            spec = json.loads(args.spec_json)
+        except ValueError as exc:
+            raise ConfigError(f"--spec-json is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ConfigError("--spec-json must be a JSON object")
+    if args.backend:
+        spec["backend"] = args.backend
+    backend = spec.get("backend")
+    if not isinstance(backend, str):
+        raise ConfigError("--backend is required (or --spec-json with a \"backend\" key)")
+    fields = spec_fields(backend)
+    for flag in ("model", "slots", "id", "coalesce_ms"):
+        value = getattr(args, flag)
+        if value is not None:
+            spec[flag] = value
+    for item in args.option:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise ConfigError(
+                f"--option {key!r}: unknown option for backend {backend!r} "
+                f"(known: {', '.join(sorted(fields))})"
+            )
+        spec[key] = parse_value(raw)
+    if "model" not in spec:
+        raise ConfigError("--model is required (or \"model\" in --spec-json)")
+    return spec
+
+
+def build_config(args: argparse.Namespace) -> WorkerConfig:
+    """The WorkerConfig a command line describes; ConfigError / ValidationError if none."""
+    raw: dict[str, Any] = {"spec": build_spec(args)}
+    for flag in ("broker", "heartbeat_interval", "heartbeat_liveness", "reconnect_max",
+                 "drain_timeout"):
+        value = getattr(args, flag)
+        if value is not None:
+            raw[flag] = value
+    config = msgspec.convert(raw, type=WorkerConfig)
+    if not re.fullmatch(r"(tcp|ipc|inproc|ws|wss)://.+", config.broker):
+        raise ConfigError(f"--broker {config.broker!r}: expected tcp://HOST:PORT or ipc://PATH")
+    problems = [
+        name for name, bad in (
+            ("slots", config.spec.slots < 1),
+            ("heartbeat_interval", config.heartbeat_interval <= 0),
+            ("heartbeat_liveness", config.heartbeat_liveness < 1),
+            ("coalesce_ms", config.spec.coalesce_ms < 0),
+        ) if bad
+    ]
+    if problems:
+        raise ConfigError(f"out of range: {', '.join(problems)}")
+    return config
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # e.g. Windows: the standard loop works, only slower
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def _serve(config: WorkerConfig) -> int:
+    return await WorkerRuntime(config).run()
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    try:
+        config = build_config(args)
+    except (ConfigError, msgspec.ValidationError) as exc:
+        print(f"tokenhive worker: invalid configuration: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    try:
+        return _run_loop(_serve(config))
+    except Exception:
+        log.exception("worker crashed")
+        return int(ExitCode.CRASHED)

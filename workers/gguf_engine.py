@@ -1,0 +1,386 @@
+"""Continuous batching on llama.cpp: one thread, one context, ``slots`` sequences.
+
+The engine thread owns every llama.cpp object. Other threads talk to it through a
+thread-safe inbox (submit / cancel / close) and receive each request's events (``Delta``,
+``Done`` or a ``TokenHiveError``) on that request's ``asyncio.Queue``, delivered with one
+``call_soon_threadsafe`` per event loop per step.
+
+One *step* = one ``llama_decode`` of a batch holding, in sequence-id order:
+
+* one token for every sequence that is generating (its last sampled token), and
+* prompt chunks of newly admitted requests, earliest admitted first, filling what is left
+  of ``n_batch`` — so a long prompt is processed over several steps while the running
+  streams keep producing a token per step (continuous batching).
+
+Then every sequence whose logits were computed samples one token with its own sampler
+chain, detokenizes it incrementally, checks stop sequences / EOG / max_tokens, and a
+finished sequence's slot is free for the next queued request in the very next step.
+
+Prompt-prefix reuse: a slot keeps its KV cache after its request ends; a new request goes
+to the free slot sharing the longest token prefix with its prompt, and only the rest of the
+prompt is decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from tokenhive.schemas.errors import BackendError, ContextTooLong, InvalidRequest, TokenHiveError
+from tokenhive.schemas.messages import Usage
+
+from .backend import Delta, Done
+from .gguf_detok import Detokenizer, PieceCache, StopMatcher
+from .gguf_native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
+from .gguf_sampling import PENALTY_LAST_N, SamplerChain
+from .gguf_slots import Admitted, Job, Run, Slot, pick_slot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters, written by the engine thread and read anywhere (plain ints)."""
+
+    steps: int = 0
+    decoded_tokens: int = 0  # prompt + generated tokens through llama_decode
+    generated_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
+    decode_errors: int = 0
+    consecutive_decode_errors: int = 0
+    last_error: str = ""
+
+
+class _Outbox:
+    """Events of one step, grouped per event loop, delivered with one wake-up per loop."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]]
+        self._items = {}
+
+    def put(self, job: Job, event: object) -> None:
+        self._items.setdefault(job.loop, []).append((job.queue, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, events in items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(events: list[tuple[asyncio.Queue[object], object]]) -> None:
+    for q, event in events:
+        q.put_nowait(event)
+
+
+class GGUFEngine:
+    """``start()`` loads the model on the engine thread (blocking); then ``submit`` jobs."""
+
+    def __init__(self, params: NativeParams, *, seed: int = 0, prefix_cache: bool = True):
+        self.params = params
+        self.n_batch = max(params.n_batch, params.slots)  # every sequence fits in a step
+        self.n_ctx = params.n_ctx  # per slot
+        self.prefix_cache = prefix_cache
+        self.stats = EngineStats()
+        self.native: LlamaNative | None = None
+        self._seeds = random.Random(seed)  # seeds for requests that bring none
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._outbox = _Outbox()
+        self._slots = [Slot(seq_id=i) for i in range(params.slots)]
+        self._waiting: deque[Admitted] = deque()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="gguf-engine", daemon=True)
+        self._tick = 0  # admissions so far: orders prefill and slot recency
+        self._pieces: PieceCache | None = None
+
+    # --- any thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(("submit", job))
+
+    def cancel(self, key: int) -> None:
+        self._inbox.put(("cancel", key))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(("close", None))
+            self._thread.join()
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self._slots if s.run is not None)
+
+    # --- engine thread --------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self.native = LlamaNative(self.params)
+            self._pieces = PieceCache(self.native.piece)
+        except BaseException as e:  # reported to start()'s caller
+            self._load_error = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        try:
+            while self._drain_inbox(block=not (self._waiting or self.running)):
+                self._admit()
+                if self.running:
+                    self._step()
+                self._outbox.flush()
+        except BaseException as e:  # a bug here must not strand any stream
+            log.exception("gguf engine crashed")
+            self._fail_everything(BackendError(f"gguf engine crashed: {e!r}"))
+            raise
+        finally:
+            self._fail_everything(BackendError("the gguf engine was shut down"))
+            self.native.close()
+            self.native = None
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle all pending messages (waiting for one when idle); False on close."""
+        try:
+            msg = self._inbox.get(block=block)
+            while True:
+                kind, arg = msg
+                if kind == "close":
+                    return False
+                if kind == "submit":
+                    assert isinstance(arg, Job)
+                    self._accept(arg)
+                elif kind == "cancel":
+                    assert isinstance(arg, int)
+                    self._cancel(arg)
+                msg = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _accept(self, job: Job) -> None:
+        """Tokenize and check against the per-slot context now, so an oversized request is
+        refused at once, even while every slot is busy."""
+        assert self.native is not None
+        try:
+            tokens = self.native.tokenize(job.prompt, job.add_bos)
+            if not tokens:
+                raise InvalidRequest("the prompt is empty")
+            n, room = len(tokens), self.n_ctx - len(tokens)
+            max_tokens = job.sampling.max_tokens
+            if max_tokens is None:
+                if room < 1:
+                    raise ContextTooLong(
+                        f"prompt is {n} tokens, the context is {self.n_ctx} tokens per slot: "
+                        "no room left to generate"
+                    )
+                max_tokens = room
+            elif max_tokens > room:
+                raise ContextTooLong(
+                    f"prompt {n} tokens + max_tokens {max_tokens} = {n + max_tokens} exceeds "
+                    f"the context of {self.n_ctx} tokens per slot"
+                )
+        except TokenHiveError as e:
+            self._outbox.put(job, e)
+            return
+        seed = job.sampling.seed
+        if seed is None:
+            seed = self._seeds.getrandbits(32)
+        self._waiting.append(Admitted(job, tokens, max_tokens, seed))
+
+    def _cancel(self, key: int) -> None:
+        for i, adm in enumerate(self._waiting):
+            if adm.job.key == key:
+                del self._waiting[i]
+                return
+        for slot in self._slots:
+            if slot.run is not None and slot.run.job.key == key:
+                self._release(slot)  # its cached tokens stay valid for prefix reuse
+                return
+
+    def _admit(self) -> None:
+        assert self.native is not None and self._pieces is not None
+        free = [s for s in self._slots if s.run is None]
+        while self._waiting and free:
+            adm = self._waiting.popleft()
+            slot, keep = pick_slot(free, adm.tokens, self.prefix_cache)
+            free.remove(slot)
+            keep = self._trim_cache(slot, keep)
+            self.stats.reused_prompt_tokens += keep
+            self._tick += 1
+            sampler = SamplerChain(adm.job.sampling, self.native.n_vocab, adm.seed)
+            if sampler.has_penalties:
+                for t in adm.tokens[-PENALTY_LAST_N:]:  # penalties also see the prompt
+                    sampler.accept(t)
+            slot.run = Run(
+                job=adm.job, prompt=adm.tokens, max_tokens=adm.max_tokens, sampler=sampler,
+                detok=Detokenizer(self._pieces), stop=StopMatcher(adm.job.stops),
+                next_prompt=keep, admitted_at=self._tick,
+            )
+            slot.last_used = self._tick
+
+    def _trim_cache(self, slot: Slot, keep: int) -> int:
+        """Drop the slot's cached tokens beyond ``keep``; return how many really stay."""
+        assert self.native is not None
+        seq = slot.seq_id
+        if keep < len(slot.cached) and not self.native.seq_rm(seq, keep, -1):
+            keep = 0
+        if keep > 0 and not self.native.can_continue_at(seq, keep):
+            keep = 0
+        if keep == 0 and slot.cached:
+            self.native.seq_rm(seq, -1, -1)
+        del slot.cached[keep:]
+        return keep
+
+    def _plan(self) -> tuple[list[int], list[int], list[int], list[int], list[tuple[Slot, int]]]:
+        """This step's batch rows (tokens, positions, seq ids, logit flags), in sequence-id
+        order, and for each sequence in it how many tokens it contributes."""
+        runs = [s.run for s in self._slots if s.run is not None]
+        budget = self.n_batch - sum(1 for r in runs if not r.prefilling)
+        chunk: dict[int, int] = {}
+        for r in sorted((r for r in runs if r.prefilling), key=lambda r: r.admitted_at):
+            if budget <= 0:
+                break
+            chunk[r.job.key] = n = min(budget, len(r.prompt) - r.next_prompt)
+            budget -= n
+        tokens: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        logits: list[int] = []
+        members: list[tuple[Slot, int]] = []
+        for slot in self._slots:
+            r = slot.run
+            if r is None:
+                continue
+            start = len(slot.cached)
+            if not r.prefilling:
+                new = [r.last_token]
+            elif r.job.key in chunk:
+                new = r.prompt[r.next_prompt : r.next_prompt + chunk[r.job.key]]
+            else:
+                r.batch_row = -1
+                continue
+            done_prompt = not r.prefilling or r.next_prompt + len(new) == len(r.prompt)
+            tokens += new
+            pos += range(start, start + len(new))
+            seq += [slot.seq_id] * len(new)
+            logits += [0] * (len(new) - 1) + [1 if done_prompt else 0]
+            r.batch_row = len(tokens) - 1 if done_prompt else -1
+            members.append((slot, len(new)))
+        return tokens, pos, seq, logits, members
+
+    def _step(self) -> None:
+        native = self.native
+        assert native is not None
+        tokens, pos, seq, logits, members = self._plan()
+        native.batch.fill(tokens, pos, seq, logits)
+        rc = native.decode()
+        if rc == DECODE_NO_KV_SLOT and self._evict_idle_caches():
+            rc = native.decode()
+        if rc != 0:
+            self._decode_failed(rc, members)
+            return
+        self.stats.steps += 1
+        self.stats.decoded_tokens += len(tokens)
+        self.stats.consecutive_decode_errors = 0
+        row = 0
+        for slot, n in members:
+            run = slot.run
+            assert run is not None
+            slot.cached += tokens[row : row + n]
+            row += n
+            if run.prefilling:
+                run.next_prompt += n
+            if run.batch_row >= 0:
+                self._on_token(slot, run, run.sampler.sample(native.ctx, run.batch_row))
+
+    def _on_token(self, slot: Slot, run: Run, token: int) -> None:
+        assert self.native is not None
+        if self.native.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        run.completion_tokens += 1
+        run.unsent_tokens += 1
+        self.stats.generated_tokens += 1
+        text = run.stop.feed(run.detok.push(token))
+        if text:
+            self._outbox.put(run.job, Delta(text, run.unsent_tokens))
+            run.unsent_tokens = 0
+        if run.stop.stopped:
+            self._finish(slot, "stop")
+        elif run.completion_tokens >= run.max_tokens:
+            self._finish(slot, "length")
+        else:
+            run.last_token = token
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        run = slot.run
+        assert run is not None
+        if not run.stop.stopped:  # emit what was held back: a split character, a stop prefix
+            text = run.stop.feed(run.detok.flush())
+            if run.stop.stopped:
+                reason = "stop"
+            else:
+                text += run.stop.flush()
+            if text:
+                self._outbox.put(run.job, Delta(text, run.unsent_tokens))
+        n_prompt = len(run.prompt)
+        usage = Usage(n_prompt, run.completion_tokens, n_prompt + run.completion_tokens)
+        self._outbox.put(run.job, Done(reason, usage))
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        """Free the slot; its KV cache stays (prefix reuse) unless that is switched off."""
+        assert slot.run is not None and self.native is not None
+        slot.run.sampler.free()
+        slot.run = None
+        if not self.prefix_cache:
+            self.native.seq_rm(slot.seq_id, -1, -1)
+            slot.cached.clear()
+
+    def _evict_idle_caches(self) -> bool:
+        """Free the KV cells idle slots keep for prefix reuse; True if any were freed."""
+        assert self.native is not None
+        freed = False
+        for slot in self._slots:
+            if slot.run is None and slot.cached:
+                self.native.seq_rm(slot.seq_id, -1, -1)
+                slot.cached.clear()
+                freed = True
+        return freed
+
+    def _decode_failed(self, rc: int, members: list[tuple[Slot, int]]) -> None:
+        """Fail the sequences of the failed batch (their cache state is unknown now)."""
+        assert self.native is not None
+        self.stats.decode_errors += 1
+        self.stats.consecutive_decode_errors += 1
+        self.stats.last_error = f"llama_decode returned {rc}"
+        log.error("llama_decode returned %d for a batch of %d sequences", rc, len(members))
+        for slot, _ in members:
+            run = slot.run
+            assert run is not None
+            self._outbox.put(run.job, BackendError(f"llama_decode failed (code {rc})"))
+            self._release(slot)
+            self.native.seq_rm(slot.seq_id, -1, -1)
+            slot.cached.clear()
+
+    def _fail_everything(self, error: BackendError) -> None:
+        while self._waiting:
+            self._outbox.put(self._waiting.popleft().job, error)
+        for slot in self._slots:
+            if slot.run is not None:
+                self._outbox.put(slot.run.job, error)
+                slot.run.sampler.free()
+                slot.run = None
+        self._outbox.flush()

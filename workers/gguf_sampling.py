@@ -1,0 +1,109 @@
+"""Request sampling parameters -> a llama.cpp sampler chain, one per sequence.
+
+``check_sampling`` validates in plain Python (any thread, before a request is queued), so a
+bad value is a clear ``InvalidRequest`` that changes nothing. ``SamplerChain`` builds the
+native chain and must be created, used and freed on the engine thread only.
+
+Chain order follows llama.cpp / llama-cpp-python: penalties, then either greedy
+(temperature 0 or unset) or top-k -> top-p -> min-p -> temperature -> seeded dist.
+Unset truncation parameters take llama.cpp's usual defaults (top_k 40, top_p 0.95,
+min_p 0.05), the same as llama-server and llama-cpp-python, so results are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import llama_cpp
+
+from tokenhive.schemas.errors import InvalidRequest
+from tokenhive.schemas.messages import Sampling
+
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.95
+DEFAULT_MIN_P = 0.05
+PENALTY_LAST_N = 64  # tokens of history the repeat/presence/frequency penalties look at
+MAX_SEED = 2**32 - 1
+
+
+def is_greedy(s: Sampling) -> bool:
+    return s.temperature is None or s.temperature == 0.0
+
+
+def check_sampling(s: Sampling) -> None:
+    """Raise InvalidRequest naming the first bad field."""
+
+    def bad(field: str, value: object, rule: str) -> InvalidRequest:
+        return InvalidRequest(f"sampling.{field}={value!r} is invalid: {rule}")
+
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise bad("max_tokens", s.max_tokens, "must be >= 1")
+    if s.temperature is not None and not (math.isfinite(s.temperature) and s.temperature >= 0):
+        raise bad("temperature", s.temperature, "must be a finite number >= 0")
+    if s.top_p is not None and not (0.0 < s.top_p <= 1.0):
+        raise bad("top_p", s.top_p, "must be in (0, 1]")
+    if s.top_k is not None and s.top_k < 0:
+        raise bad("top_k", s.top_k, "must be >= 0 (0 disables)")
+    if s.min_p is not None and not (0.0 <= s.min_p <= 1.0):
+        raise bad("min_p", s.min_p, "must be in [0, 1]")
+    if s.repeat_penalty is not None and not (
+        math.isfinite(s.repeat_penalty) and s.repeat_penalty > 0
+    ):
+        raise bad("repeat_penalty", s.repeat_penalty, "must be a finite number > 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            raise bad(name, value, "must be in [-2, 2]")
+    if s.seed is not None and not (0 <= s.seed <= MAX_SEED):
+        raise bad("seed", s.seed, f"must be in [0, {MAX_SEED}]")
+    if any(not isinstance(x, str) for x in s.stop):
+        raise bad("stop", s.stop, "must be a list of strings")
+
+
+class SamplerChain:
+    """A native llama.cpp sampler chain for one sequence (engine thread only)."""
+
+    def __init__(self, s: Sampling, n_vocab: int, seed: int) -> None:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = llama_cpp.llama_sampler_chain_init(params)
+        add = self._add
+        repeat = s.repeat_penalty if s.repeat_penalty is not None else 1.0
+        freq = s.frequency_penalty or 0.0
+        present = s.presence_penalty or 0.0
+        self.has_penalties = repeat != 1.0 or freq != 0.0 or present != 0.0
+        if self.has_penalties:
+            add(llama_cpp.llama_sampler_init_penalties(
+                n_vocab, PENALTY_LAST_N, repeat, freq, present
+            ))
+        if is_greedy(s):
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        top_k = s.top_k if s.top_k is not None else DEFAULT_TOP_K
+        top_p = s.top_p if s.top_p is not None else DEFAULT_TOP_P
+        min_p = s.min_p if s.min_p is not None else DEFAULT_MIN_P
+        if top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        assert s.temperature is not None
+        add(llama_cpp.llama_sampler_init_temp(s.temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler: llama_cpp.llama_sampler_p) -> None:
+        llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # the chain owns it now
+
+    def accept(self, token: int) -> None:
+        """Record a token in the history (penalties look at it) without sampling."""
+        llama_cpp.llama_sampler_accept(self._chain, token)
+
+    def sample(self, ctx: llama_cpp.llama_context_p, batch_index: int) -> int:
+        """Sample from the logits of batch row ``batch_index``; the token is accepted."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, batch_index))
+
+    def free(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None

@@ -1,0 +1,206 @@
+"""The worker's one DEALER socket to the broker, replaceable by a fresh one.
+
+A broker that restarts forgets every peer; a socket that merely reconnects underneath keeps
+its old pipe and queued messages. So on broker loss the runtime closes this socket and opens a
+new one (``open`` after ``close``) and registers again on it.
+
+Socket options, and why:
+
+* ``ROUTING_ID`` = the worker id, so the broker addresses the worker by name (and a restarted
+  worker with the same id takes its place; the broker sets ROUTER_HANDOVER).
+* ``IMMEDIATE`` = 1: messages are queued only on a completed connection. Without it a DEALER
+  queues into a pipe for a broker that is not there, and on reconnect the broker would get a
+  burst of stale heartbeats and chunks for requests it no longer knows. With it, a send waits
+  for a connection (Ready does exactly that) and ``send_or_drop`` fails fast (a heartbeat is
+  dropped instead of queued: the next one carries fresher state anyway).
+* ``LINGER`` = 0 on broker loss (whatever is queued is for a broker that is gone), a short
+  linger on a deliberate exit so Goodbye gets out.
+* ``SNDHWM``/``RCVHWM`` high: a burst of chunks must not block a stream for long.
+* ``RECONNECT_IVL`` short with a capped backoff: zmq reconnects the transport by itself while
+  the broker restarts, quickly at first.
+
+I/O is done on a plain (not ``zmq.asyncio``) socket, because the hot path is sending chunks
+and zmq.asyncio costs ~5x more per send than a direct non-blocking send. The socket's FD is
+edge-triggered: it signals "events may have changed", so on each wake-up we act until
+ZMQ_EVENTS shows nothing left to do, and after our own sends (which can swallow a signal) we
+look again on the next loop turn. A send that would block (no connection yet, or the
+high-water mark reached) is kept in a backlog, in order, and later sends queue behind it
+until it drains; the caller gets a future for it, which is how backpressure and "wait for
+the connection" work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import typing
+from collections.abc import Callable
+
+import zmq
+
+log = logging.getLogger("tokenhive.worker.link")
+
+HWM = 100_000
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2_000
+RECV_BATCH = 1_000  # messages handled per wake-up before yielding to the loop
+
+# The hot path sends with the backend's C-level ``send`` and plain-int flags: pyzmq's
+# ``send_multipart`` spends ~8 us per 3-frame message in Python layers and IntFlag
+# arithmetic, this ~1 us (measured on this machine). A multipart message is atomic: if the
+# first frame is accepted, so are the rest, so Again can only come from the first frame.
+_raw_send = zmq.backend.Socket.send
+_DONTWAIT = int(zmq.DONTWAIT)
+_DONTWAIT_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
+
+
+def _send_now(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    """Send all ``frames`` or (raising zmq.Again) none of them."""
+    last = len(frames) - 1
+    for i in range(last):
+        _raw_send(sock, frames[i], _DONTWAIT_MORE)
+    _raw_send(sock, frames[last], _DONTWAIT)
+
+
+class LinkDown(Exception):
+    """A send was attempted while no socket is open."""
+
+
+class BrokerLink:
+    def __init__(self, address: str, identity: bytes,
+                 on_message: Callable[[list[bytes]], None], hwm: int = HWM) -> None:
+        self.address = address
+        self.identity = identity
+        self.on_message = on_message
+        self.hwm = hwm
+        self.ctx = zmq.Context()
+        self._sock: zmq.Socket[bytes] | None = None
+        self._fd = -1
+        self._backlog: collections.deque[tuple[list[bytes], asyncio.Future[None]]] = (
+            collections.deque())
+        self._poke_pending = False
+        self.opened = 0  # sockets opened so far: 1 is the first connection, more are reconnects
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def open(self) -> None:
+        if self._sock is not None:
+            raise RuntimeError("link already open")
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError:
+            sock.close(linger=0)  # a leaked socket would hang Context.term() at exit
+            raise
+        self._sock = sock
+        self._fd = typing.cast(int, sock.getsockopt(zmq.FD))
+        asyncio.get_running_loop().add_reader(self._fd, self._on_events)
+        self.opened += 1
+        self._poke()
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; sends still in the backlog are cancelled."""
+        if self._sock is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._fd)
+        while self._backlog:
+            self._backlog.popleft()[1].cancel()
+        self._sock.close(linger=linger_ms)
+        self._sock = None
+
+    def terminate(self) -> None:
+        self.close()
+        self.ctx.term()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, frames: list[bytes]) -> asyncio.Future[None] | None:
+        """Send ``frames`` in order with every earlier send.
+
+        Returns None when the message went straight to the socket, else a future that
+        completes when it does (cancel it to withdraw the message).
+        """
+        sock = self._sock
+        if sock is None:
+            raise LinkDown("no broker socket")
+        if not self._backlog:
+            try:
+                _send_now(sock, frames)
+            except zmq.Again:
+                pass
+            else:
+                self._poke()
+                return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._backlog.append((frames, future))
+        self._poke()
+        return future
+
+    def send_or_drop(self, frames: list[bytes]) -> bool:
+        """Send now or not at all (no connection / pipe full): for periodic messages."""
+        if self._sock is None or self._backlog:
+            return False
+        try:
+            _send_now(self._sock, frames)
+        except zmq.Again:
+            return False
+        self._poke()
+        return True
+
+    def _flush(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while self._backlog:
+            frames, future = self._backlog[0]
+            if not future.done():  # a cancelled send is withdrawn, not sent
+                try:
+                    _send_now(sock, frames)
+                except zmq.Again:
+                    return
+                future.set_result(None)
+            self._backlog.popleft()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _poke(self) -> None:
+        """Look at the socket again on the next loop turn (our own I/O may have eaten the
+        edge-triggered FD's signal)."""
+        if not self._poke_pending:
+            self._poke_pending = True
+            asyncio.get_running_loop().call_soon(self._on_events)
+
+    def pump(self) -> None:
+        """Handle whatever is waiting on the socket now (e.g. after the loop was blocked)."""
+        self._on_events()
+
+    def _on_events(self) -> None:
+        # Act until ZMQ_EVENTS shows nothing to do: querying it processes the socket's pending
+        # commands, so once it reports nothing actionable, any later change signals the FD.
+        self._poke_pending = False
+        handled = 0
+        while (sock := self._sock) is not None:
+            events = typing.cast(int, sock.getsockopt(zmq.EVENTS))
+            if self._backlog and events & zmq.POLLOUT:
+                self._flush()  # sends at least one message: progress
+                continue
+            if not events & zmq.POLLIN:
+                return
+            if handled >= RECV_BATCH:
+                self._poke()  # more is waiting: come back after others had a turn
+                return
+            try:
+                frames = sock.recv_multipart(zmq.DONTWAIT)
+            except zmq.Again:
+                continue
+            handled += 1
+            self.on_message(frames)
