@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 import uvloop
 import zmq
+
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.logs import configure_logging
 
@@ -41,7 +42,8 @@ _HELP = {
     "balancer": "least_loaded | round_robin | fastest",
     "hwm": "ZeroMQ high-water mark (messages) on both sockets",
     "client_buffer": "messages buffered for a slow client before its requests are cut off",
-    "no_worker_timeout": "seconds queued requests wait when a model has no live worker",
+    "no_worker_timeout": "seconds queued requests wait while no worker of their model is "
+                         "alive and healthy (or loading)",
 }
 
 

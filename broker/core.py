@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 
 import msgspec
+
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import client_msg_decoder, encode, stream_decoder
 from tokenhive.schemas.messages import (
-    BrokerPing,
     Cancel,
     CancelWork,
     Dispatch,
@@ -37,25 +37,18 @@ from . import admission, wire
 from .balancer import Balancer, make_balancer
 from .deadlines import DeadlineHeap
 from .inflight import InFlight, KeyMaker
-from .job import Job, JobState
+from .job import ClientState, Job, JobState
 from .queue import ModelQueue
 from .registry import Worker, WorkerRegistry
 from .sink import GONE, SENT, Sink
 from .status import COUNTERS, snapshot
+from .timers import Timers
 from .worker_events import WorkerEvents
 
 log = logging.getLogger("tokenhive.broker")
 
 
-class ClientState:
-    __slots__ = ("jobs", "last_seen")
-
-    def __init__(self, now: float) -> None:
-        self.last_seen = now
-        self.jobs: dict[str, Job] = {}  # request id -> pending job
-
-
-class BrokerCore(WorkerEvents):
+class BrokerCore(WorkerEvents, Timers):
     def __init__(
         self,
         config: BrokerConfig,
@@ -87,6 +80,7 @@ class BrokerCore(WorkerEvents):
         self._full_clients: set[bytes] = set()
         self._troubled_workers: dict[bytes, int] = {}
         self._rereg_sent: dict[bytes, float] = {}
+        self._stalled_since: dict[str, float] = {}  # model -> since when nobody can serve it
         self._last_ping = float("-inf")
         self._last_housekeeping = float("-inf")
 
@@ -365,54 +359,6 @@ class BrokerCore(WorkerEvents):
         for job in list(client.jobs.values()):
             self._end(job, ErrorCode.OVERLOADED,
                       f"client too slow: more than {self.cfg.client_buffer} messages unread")
-
-    def tick(self) -> None:
-        """Timers: deadlines, liveness of both sides, pings, orphaned queues."""
-        self.touch()
-        now = self.now
-        for job in self.deadlines.due(now):
-            where = "queued" if job.state is JobState.QUEUED else "in flight"
-            self.counts["deadline_exceeded"] += 1
-            self._end(job, ErrorCode.DEADLINE_EXCEEDED, f"deadline passed while {where}")
-        self._check_workers(now)
-        for ident, client in list(self.clients.items()):
-            if now - client.last_seen > self.cfg.client_liveness:
-                self._drop_client(ident, f"silent for more than {self.cfg.client_liveness}s")
-        if now - self._last_housekeeping >= self.cfg.heartbeat_interval:
-            self._last_housekeeping = now
-            self._fail_orphans(now)
-            for ident, sent in list(self._rereg_sent.items()):
-                if now - sent > self.worker_timeout:
-                    del self._rereg_sent[ident]
-        self.settle()
-
-    def _check_workers(self, now: float) -> None:
-        ping = now - self._last_ping >= self.cfg.heartbeat_interval
-        if ping:
-            self._last_ping = now
-            body = encode(BrokerPing(at=self.wall()))
-        for worker in self.registry:
-            if now - worker.last_seen > self.worker_timeout:
-                self._lose_worker(worker, f"silent for more than {self.worker_timeout:g}s")
-                continue
-            expired = [r for r, until in worker.cancelling.items() if until <= now]
-            for route in expired:  # the worker never ended cancelled work: free the slot
-                del worker.cancelling[route]
-                self._dirty.add(worker.model)
-            if ping:
-                self._send_worker(worker, body)
-
-    def _fail_orphans(self, now: float) -> None:
-        """Queued work of a model with no live worker waits at most no_worker_timeout."""
-        limit = self.cfg.no_worker_timeout
-        for model, since in list(self.registry.orphaned_since.items()):
-            queue = self.queues.get(model)
-            for job in list(queue or ()):
-                if now - max(since, job.enqueued_at) >= limit:
-                    self.counts["worker_lost"] += 1
-                    self._end(job, ErrorCode.WORKER_LOST,
-                              f"no live worker for model {model!r} for {limit:g}s",
-                              retryable=True)
 
     def shutdown(self) -> None:
         """Broker stopping: every pending request gets broker_unavailable, workers a cancel."""

@@ -66,3 +66,13 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, {self.model!r}, {self.state.value}, chunks={self.chunks})"
+
+
+class ClientState:
+    """A client with pending requests (clients without any are not tracked)."""
+
+    __slots__ = ("jobs", "last_seen")
+
+    def __init__(self, now: float) -> None:
+        self.last_seen = now
+        self.jobs: dict[str, Job] = {}  # request id -> pending job

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import PROTOCOL_VERSION, VERSION_FRAME, encode, version_of
 from tokenhive.schemas.messages import Error, Rejected, Reregister

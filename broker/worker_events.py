@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import msgspec
+
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, worker_msg_decoder
@@ -100,7 +101,10 @@ class WorkerEvents:
             self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST, f"bad Ready: {problem}")
             return
         previous = self.registry.get(ident)
-        if previous is not None:  # the same socket announcing itself again: a fresh start
+        if previous is not None and not previous.active and not previous.cancelling:
+            # an update (a worker announces itself while loading, then again when loaded)
+            self.registry.remove(previous, self.now)
+        elif previous is not None:  # the same socket announcing itself again: a fresh start
             self._lose_worker(previous, "registered again", counter="workers_lost")
         namesake = self.registry.by_name(ready.worker)
         if namesake is not None:  # a restarted worker on a new socket replaces the old one

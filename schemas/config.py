@@ -42,8 +42,8 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     balancer: str = "least_loaded"  # least_loaded | round_robin | fastest
     hwm: int = 100_000  # ZeroMQ high-water marks on both sockets
     client_buffer: int = 10_000  # messages buffered per slow client before it is cut off
-    # queued requests of a model whose workers are all gone fail (worker_lost, retryable)
-    # after waiting this long for one to register; their own deadline may end them sooner
+    # queued requests of a model with no worker alive and healthy (or loading) fail after
+    # waiting this long (retryable); their own deadline may end them sooner
     no_worker_timeout: float = 30.0
 
 

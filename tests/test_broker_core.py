@@ -515,6 +515,23 @@ def test_model_without_workers_fails_queued_work_after_no_worker_timeout() -> No
     assert h.last("b").code is ErrorCode.WORKER_LOST
 
 
+def test_queue_of_a_model_whose_workers_stay_unhealthy_fails_but_loading_waits() -> None:
+    h = Harness(no_worker_timeout=5.0, client_liveness=100.0, heartbeat_liveness=100)
+    h.ready(b"w1", health=Health.LOADING)
+    h.submit("a")
+    h.advance(6.0)  # loading may take long: still waiting
+    assert "a" not in h.answers()
+    h.heartbeat(b"w1", Health.UNHEALTHY)
+    for _ in range(3):
+        h.advance(1.0)
+    assert "a" not in h.answers()
+    for _ in range(3):  # stalled since the first check after it turned unhealthy
+        h.advance(1.0)
+    err = h.last("a")
+    assert err.code is ErrorCode.BACKEND_UNAVAILABLE and err.retryable
+    assert h.status().counters["no_healthy_worker"] == 1
+
+
 def test_bad_terminal_becomes_an_internal_error_for_the_right_id() -> None:
     h = Harness()
     h.ready(b"w1", slots=2)

@@ -540,3 +540,22 @@ def test_status_reports_workers_and_queues(broker: Proc, client: FakeClient) -> 
             assert isinstance(client.terminal(rid), Final)
         ws = client.status().workers[0]
         assert ws.served == 3 and ws.in_flight == 0 and ws.free_slots == 2
+
+
+@pytest.mark.timeout(30)
+def test_worker_restarted_with_same_identity_takes_over(broker: Proc, client: FakeClient) -> None:
+    """ROUTER_HANDOVER: a restarted worker reusing its socket identity replaces the old
+    connection; its Ready means a fresh start, so unstarted work is dispatched again."""
+    old = FakeWorker(broker.workers, name="w", identity=b"worker-w")
+    old.ready()
+    wait_workers(client, 1)
+    client.submit("r")
+    first = old.expect(Dispatch)
+    old.close()
+    with FakeWorker(broker.workers, name="w", identity=b"worker-w", auto_chunks=2) as new:
+        new.ready()
+        chunks, final = client.result("r", timeout=10)
+        assert len(chunks) == 2 and isinstance(final, Final)
+        again = next(m for m in new.received if isinstance(m, Dispatch))
+        assert again.attempt == 2 and again.key != first.key
+        assert [w.id for w in client.status().workers] == ["w"]

@@ -239,15 +239,20 @@ needs_binary = pytest.mark.skipif(
 @needs_binary
 @pytest.mark.gemma
 @pytest.mark.timeout(180)
-async def test_real_llama_completion_chat() -> None:
+@pytest.mark.parametrize("echo", [True, False], ids=["echo-stripped", "no-display-prompt"])
+async def test_real_llama_completion_chat(echo: bool) -> None:
+    args = ["-m", "{model}", "-p", "{prompt}", "-n", "{max_tokens}", "-no-cnv", "--temp",
+            "{temperature}", "-s", "{seed}", "-t", "2", "-c", "512"]
+    if not echo:
+        args.append("--no-display-prompt")
     spec = BinarySpec(model="gemma", binary="llama-completion", model_path=str(gemma_path()),
-                      args=["-m", "{model}", "-p", "{prompt}", "-n", "{max_tokens}", "-no-cnv",
-                            "--temp", "{temperature}", "-s", "{seed}", "-t", "2", "-c", "512"])
+                      args=args, strip_echo=echo)
     backend = await started(spec)
     request = Request(id="g", model="gemma", messages=[Message("user", "Name a colour.")],
                       sampling=Sampling(max_tokens=8, temperature=0.0, seed=1))
     text, done = await run(backend, request)
-    assert text.strip() and "User:" not in text and "Assistant:" not in text
+    assert text.strip() and not text.startswith("User:")  # the echoed prompt is stripped
+    assert "\nUser:" not in text and "\nAssistant:" not in text  # a new turn ends the answer
     assert "[end of text]" not in text
     assert done.finish_reason in ("stop", "length") and done.usage.estimated
 
@@ -255,11 +260,15 @@ async def test_real_llama_completion_chat() -> None:
 @anyio_mark
 @needs_binary
 @pytest.mark.timeout(120)
-async def test_real_llama_completion_bad_model_fails_with_stderr(tmp_path: Path) -> None:
+async def test_real_llama_completion_bad_model_fails(tmp_path: Path) -> None:
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     spec = BinarySpec(model="x", binary="llama-completion", model_path=str(junk))
     backend = await started(spec)
-    with pytest.raises(BackendError, match="exited with status") as info:
+    with pytest.raises(BackendError, match="llama-completion exited with status 1") as info:
         await run(backend, completion())
-    assert "model" in info.value.message.lower()
+    # llama.cpp logs from a background thread and sometimes exits before it flushes, so
+    # stderr may be empty; when it is not, its tail is what the error carries. (Carrying
+    # stderr is asserted deterministically in test_nonzero_exit_carries_stderr_tail.)
+    detail = info.value.message.split(": ", 1)[1]
+    assert not detail or "model" in detail.lower()

@@ -40,8 +40,9 @@ def anyio_backend() -> str:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     assert LLAMA_SERVER is not None
     logs = tmp_path_factory.mktemp("llama_server")
-    with llama_server(LLAMA_SERVER, gemma_path(), logs, "--chat-template", "gemma",
-                      "-np", "2") as proc:
+    # No --chat-template: this build's built-in "gemma" template renders a 3-token prompt
+    # whatever the messages say; the server's default (chatml) renders them all.
+    with llama_server(LLAMA_SERVER, gemma_path(), logs, "-np", "2") as proc:
         yield proc
 
 
@@ -75,7 +76,7 @@ async def test_chat_with_streamed_usage(server: ServerProcess) -> None:
         await backend.close()
     assert text.strip()
     assert not done.usage.estimated  # llama-server streams usage when asked
-    assert done.usage.prompt_tokens > 3 and 1 <= done.usage.completion_tokens <= 10
+    assert done.usage.prompt_tokens > 5 and 1 <= done.usage.completion_tokens <= 10
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
 
 
@@ -101,9 +102,10 @@ async def test_completion_length_and_stop(server: ServerProcess) -> None:
 async def test_context_overflow_is_context_too_long(server: ServerProcess) -> None:
     backend = await started(spec(server.url))
     try:
-        with pytest.raises(ContextTooLong):
+        with pytest.raises(ContextTooLong, match="exceeds the available context size") as info:
             await run(backend, Request(id="big", model="gemma",
                                        messages=[Message("user", "word " * 3000)]))
+        assert not info.value.retryable
     finally:
         await backend.close()
 
@@ -118,8 +120,8 @@ async def test_cancel_stops_generation_on_the_server(server: ServerProcess) -> N
         with anyio.fail_after(60):
             await gen.__anext__()
         await gen.aclose()
-        # The server notices the closed connection and frees the slot long before 900
-        # tokens; poll its /slots endpoint (with a deadline) until nothing is processing.
+        # The server notices the closed connection and frees the slot; poll its /slots
+        # endpoint (with a deadline) until nothing is processing.
         deadline = time.monotonic() + 30
         async with httpx.AsyncClient() as http:
             while True:
@@ -128,9 +130,10 @@ async def test_cancel_stops_generation_on_the_server(server: ServerProcess) -> N
                     break
                 assert time.monotonic() < deadline, f"server still generating: {slots}"
                 await anyio.sleep(0.05)  # polling interval of a deadline-bounded wait
-        predicted = max(s.get("next_token", [{}])[0].get("n_decoded", 0)
-                        if isinstance(s.get("next_token"), list) else 0 for s in slots)
-        assert predicted < 900
+        # A slot that finished on its own (EOS or max_tokens) reports has_next_token false;
+        # ours was stopped with tokens still to generate.
+        states = [t.get("has_next_token") for s in slots for t in (s.get("next_token") or [])]
+        assert True in states, slots
     finally:
         await backend.close()
 

@@ -46,6 +46,7 @@ StartWorker = Callable[..., WorkerProc]
 
 @pytest.fixture
 def ipc_dir() -> Iterator[Path]:
+    """Sockets and worker logs (``<id>.log``); KEEP_THW=1 keeps them to debug a failure."""
     path = short_ipc_dir()
     yield path
     if "KEEP_THW" not in os.environ:

@@ -45,6 +45,7 @@ class NativeParams:
     verbose: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides (auto)
     repack: bool = True  # CPU weight repacking (faster matmuls; batch-size dependent kernels)
+    unified_kv: bool = True
 
 
 class StepBatch:
@@ -116,7 +117,7 @@ class LlamaNative:
         cparams.n_seq_max = p.slots
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = True
+        cparams.kv_unified = p.unified_kv
         cparams.no_perf = True
         if p.flash_attn is not None:
             cparams.flash_attn_type = (

