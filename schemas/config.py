@@ -82,7 +82,8 @@ class GGUFSpec(WorkerSpec, tag="gguf"):
     n_batch: int = 512
     n_threads: int | None = None
     n_gpu_layers: int = 0
-    chat_format: str | None = None  # llama-2 | llama-3 | chatml | gemma | plain; None -> GGUF template
+    # llama-2 | llama-3 | chatml | gemma | plain; None -> the GGUF's own template
+    chat_format: str | None = None
     embedding: bool = False
     pooling: str | None = None  # mean | cls | last | none; None -> mean for embeddings
     seed: int = 0

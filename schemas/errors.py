@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     CONTEXT_TOO_LONG = "context_too_long"
     UNKNOWN_MODEL = "unknown_model"

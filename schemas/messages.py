@@ -22,7 +22,7 @@ from .errors import RETRYABLE, ErrorCode, TokenHiveError, error_class
 # ---------------------------------------------------------------------------------------------
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
@@ -125,7 +125,9 @@ class Error(msgspec.Struct, tag="e", array_like=True, omit_defaults=True):
     worker: str = ""
 
     @classmethod
-    def of(cls, request_id: str, exc: TokenHiveError, chunks_sent: int = 0, worker: str = "") -> Error:
+    def of(
+        cls, request_id: str, exc: TokenHiveError, chunks_sent: int = 0, worker: str = ""
+    ) -> Error:
         return cls(
             id=request_id, code=exc.code, message=exc.message, retryable=exc.retryable,
             chunks_sent=chunks_sent or exc.chunks_sent, retry_after=exc.retry_after, worker=worker,
@@ -204,7 +206,7 @@ BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply
 # ---------------------------------------------------------------------------------------------
 
 
-class Health(str, enum.Enum):
+class Health(enum.StrEnum):
     OK = "ok"
     DEGRADED = "degraded"
     UNHEALTHY = "unhealthy"

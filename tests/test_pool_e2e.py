@@ -212,7 +212,8 @@ def test_client_killed_mid_stream_frees_the_slot(tmp_path: Path) -> None:
 
         run(ready())
         client_proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, broker.clients],
-                                       stdout=subprocess.PIPE, stderr=(tmp_path / "client.err").open("wb"))
+                                       stdout=subprocess.PIPE,
+                                       stderr=(tmp_path / "client.err").open("wb"))
         assert client_proc.stdout is not None
         for _ in range(3):  # wait until it is really streaming
             assert client_proc.stdout.readline().strip().isdigit()

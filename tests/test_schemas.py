@@ -116,7 +116,8 @@ def test_broker_to_worker_messages_round_trip(msg: object) -> None:
 @given(st.builds(config.BrokerConfig, heartbeat_interval=st.floats(0.01, 10), queue_size=small))
 def test_broker_config_round_trips_through_toml(cfg: config.BrokerConfig) -> None:
     pool = config.PoolConfig(broker=cfg, workers=[config.EchoSpec(model="e", slots=2)])
-    assert config.load_pool_config(msgspec.toml.encode(_drop_none(msgspec.to_builtins(pool)))) == pool
+    text = msgspec.toml.encode(_drop_none(msgspec.to_builtins(pool)))
+    assert config.load_pool_config(text) == pool
 
 
 def _drop_none(value: object) -> object:
@@ -159,4 +160,5 @@ def test_error_round_trips_to_the_same_exception() -> None:
     assert isinstance(wire, m.Error)
     back = wire.to_exception()
     assert type(back) is type(exc)
-    assert (back.retry_after, back.chunks_sent, back.request_id, back.retryable) == (2.5, 3, "r9", True)
+    got = (back.retry_after, back.chunks_sent, back.request_id, back.retryable)
+    assert got == (2.5, 3, "r9", True)
