@@ -9,10 +9,12 @@ reply (``--tokens`` content chunks, a finish chunk, a usage chunk, ``[DONE]``) i
 It does no model work, so what is measured is the overhead of each path, not a model:
 
 - direct: ``httpx.AsyncClient`` streaming POST + SSE parsing, ``--concurrency`` at once;
+- adapter: the openai backend alone, in this process (``OpenAIBackend.stream``): what the
+  worker's adapter costs over plain httpx, without broker, worker runtime or client;
 - pool: ``tokenhive.clients.AsyncClient.stream`` -> real ``tokenhive.broker`` -> one real
   ``tokenhive.workers`` worker with the openai backend (slots = concurrency) -> the server.
 
-Two measurements per path, interleaved direct/pool for ``--rounds`` rounds (on a shared
+Two measurements per path, interleaved direct/adapter/pool for ``--rounds`` rounds (on a shared
 machine, interleaving keeps drift from favouring one side): sequential requests (added
 latency at p50) and ``--concurrency`` concurrent requests (request rate). Targets: the
 pool adds <= 2 ms at p50, and keeps >= 90% of the direct request rate.
@@ -37,6 +39,8 @@ import uvloop
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.local_pool import local_pool
 from tokenhive.schemas.config import OpenAISpec, PoolConfig
+from tokenhive.schemas.messages import Message, Request, Sampling
+from tokenhive.workers.backends.openai import OpenAIBackend
 from tokenhive.workers.backends.sse import iter_sse
 
 TARGET_ADDED_P50_MS = 2.0
@@ -138,6 +142,17 @@ def direct_call(client: httpx.AsyncClient, tokens: int) -> Callable[[], Awaitabl
     return one
 
 
+def adapter_call(backend: OpenAIBackend, tokens: int) -> Callable[[], Awaitable[None]]:
+    request = Request(id="a", model="bench", messages=[Message("user", "hi")],
+                      sampling=Sampling(max_tokens=tokens))
+
+    async def one() -> None:
+        async for _ in backend.stream(request):
+            pass
+
+    return one
+
+
 def pool_call(client: AsyncClient, tokens: int) -> Callable[[], Awaitable[None]]:
     async def one() -> None:
         stream = client.stream("hi", max_tokens=tokens)
@@ -152,25 +167,28 @@ async def bench(args: argparse.Namespace, upstream: str) -> dict[str, object]:
     spec = OpenAISpec(model="bench", base_url=upstream + "/v1", slots=args.concurrency,
                       include_usage=True, timeout=30.0)
     config = PoolConfig(workers=[spec])
-    results: dict[str, list[Stats]] = {k: [] for k in ("direct_seq", "pool_seq", "direct_conc",
-                                                       "pool_conc")}
+    paths = ("direct", "adapter", "pool")
+    results: dict[str, list[Stats]] = {f"{p}_{m}": [] for p in paths for m in ("seq", "conc")}
     limits = httpx.Limits(max_connections=args.concurrency,
                           max_keepalive_connections=args.concurrency)
     async with (
         httpx.AsyncClient(base_url=upstream, limits=limits, timeout=30.0) as http,
         local_pool(config, log_level="warning") as pool,
         AsyncClient(pool.address, model="bench", timeout=30.0) as client,
+        OpenAIBackend(spec) as backend,
     ):
-        direct, through_pool = direct_call(http, args.tokens), pool_call(client, args.tokens)
-        await measure(direct, 200, args.concurrency)  # warm-up: connections, caches, JITs
-        await measure(through_pool, 200, args.concurrency)
+        calls = {"direct": direct_call(http, args.tokens),
+                 "adapter": adapter_call(backend, args.tokens),
+                 "pool": pool_call(client, args.tokens)}
+        for call in calls.values():  # warm-up: connections, caches
+            await measure(call, 200, args.concurrency)
         seq = max(200, args.requests // 4)
         for _ in range(args.rounds):
-            results["direct_seq"].append(await measure(direct, seq, 1))
-            results["pool_seq"].append(await measure(through_pool, seq, 1))
-            results["direct_conc"].append(await measure(direct, args.requests, args.concurrency))
-            results["pool_conc"].append(await measure(through_pool, args.requests,
-                                                      args.concurrency))
+            for path, call in calls.items():
+                results[f"{path}_seq"].append(await measure(call, seq, 1))
+            for path, call in calls.items():
+                results[f"{path}_conc"].append(await measure(call, args.requests,
+                                                             args.concurrency))
     best = {k: _median(v) for k, v in results.items()}
     added = best["pool_seq"].p50_ms - best["direct_seq"].p50_ms
     ratio = best["pool_conc"].rate / best["direct_conc"].rate
@@ -180,6 +198,8 @@ async def bench(args: argparse.Namespace, upstream: str) -> dict[str, object]:
         "results": {k: msgspec.to_builtins(v) for k, v in best.items()},
         "added_p50_ms": round(added, 3),
         "rate_ratio": round(ratio, 3),
+        "adapter_added_p50_ms": round(best["adapter_seq"].p50_ms - best["direct_seq"].p50_ms, 3),
+        "adapter_rate_ratio": round(best["adapter_conc"].rate / best["direct_conc"].rate, 3),
         "targets": {"added_p50_ms<=": TARGET_ADDED_P50_MS, "rate_ratio>=": TARGET_RATE_RATIO},
         "pass": {"latency": added <= TARGET_ADDED_P50_MS, "rate": ratio >= TARGET_RATE_RATIO},
     }

@@ -114,11 +114,38 @@ async def test_no_usage_in_stream_is_estimated_and_length_maps(fake: FakeHTTPSer
         deltas, done = await collect(backend, chat("x" * 40))
     finally:
         await backend.close()
-    assert [d.text for d in deltas] == ["a", "b", "c"]
+    assert "".join(d.text for d in deltas) == "abc" and sum(d.tokens for d in deltas) == 3
     assert done.finish_reason == "length"
     assert done.usage.estimated and done.usage.completion_tokens == 3
     assert done.usage.prompt_tokens > 0
     assert "stream_options" not in fake.requests[0].json()
+
+
+async def test_text_that_arrives_together_is_one_delta(fake: FakeHTTPServer) -> None:
+    one_write = b"".join(sse(*(chunk(f"t{i} ") for i in range(16)), chunk(finish="stop"),
+                             done=True))
+    fake.script(CHAT, sse_reply([one_write]))
+    backend = await started(spec(fake.url))
+    try:
+        deltas, _ = await collect(backend, chat())
+    finally:
+        await backend.close()
+    assert [(d.text, d.tokens) for d in deltas] == [("".join(f"t{i} " for i in range(16)), 16)]
+
+
+async def test_text_is_not_held_back_waiting_for_more(fake: FakeHTTPServer) -> None:
+    # The server sends one token and then goes quiet: that token must arrive right away.
+    fake.script(CHAT, sse_reply(sse(chunk("first")), hang=True))
+    backend = await started(spec(fake.url))
+    try:
+        gen = backend.stream(chat())
+        assert isinstance(gen, AsyncGenerator)
+        with anyio.fail_after(3):
+            first = await gen.__anext__()
+        assert isinstance(first, Delta) and first.text == "first"
+        await gen.aclose()
+    finally:
+        await backend.close()
 
 
 async def test_completion_endpoint_and_json_body_instead_of_stream(fake: FakeHTTPServer) -> None:
@@ -325,6 +352,22 @@ async def test_unreachable_server_is_unavailable_and_degrades_health() -> None:
         report = backend.health()
         assert report.health == Health.DEGRADED and report.detail == "upstream unreachable"
         assert report.retry_after is not None
+    finally:
+        await backend.close()
+
+
+async def test_connection_closed_without_answer_is_retried_once(fake: FakeHTTPServer) -> None:
+    # A keep-alive connection the server closed as we reused it: nothing was answered, so
+    # sending again on a fresh connection cannot do anything twice.
+    fake.script(CHAT, Reply(drop=True), sse_reply(sse(chunk("ok", "stop"), done=True)))
+    backend = await started(spec(fake.url))
+    try:
+        deltas, _ = await collect(backend, chat())
+        assert deltas[0].text == "ok" and len(fake.requests) == 2
+        fake.script(CHAT, Reply(drop=True))  # but a server that never answers is an error
+        with pytest.raises(BackendUnavailable, match="closed the connection"):
+            await collect(backend, chat())
+        assert len(fake.requests) == 4
     finally:
         await backend.close()
 

@@ -37,7 +37,8 @@ class Reply:
     ``cut`` drops the connection without finishing the body (chunked: no final chunk), so
     the client sees a broken response; ``hang`` keeps the connection open and silent until
     the server stops; ``drip`` keeps writing SSE comments until the client hangs up, then
-    sets ``FakeHTTPServer.client_gone``.
+    sets ``FakeHTTPServer.client_gone``. ``drop`` closes the connection without answering
+    at all, as a server does with a keep-alive connection it has just timed out.
     """
 
     status: int = 200
@@ -47,6 +48,7 @@ class Reply:
     cut: bool = False
     hang: bool = False
     drip: bool = False
+    drop: bool = False
 
 
 def sse(*events: Any, done: bool = False, named: bool = False) -> list[bytes]:
@@ -136,6 +138,10 @@ class FakeHTTPServer:
         self._thread.join(timeout=5)
 
     def serve(self, handler: BaseHTTPRequestHandler, reply: Reply) -> None:
+        if reply.drop:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            handler.close_connection = True
+            return
         handler.send_response(reply.status)
         streaming = reply.chunked or reply.cut or reply.hang or reply.drip or len(reply.parts) != 1
         for name, value in reply.headers.items():

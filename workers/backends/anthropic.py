@@ -38,7 +38,7 @@ from .estimate import (
     finish_reason,
 )
 from .http_base import HTTPBackend
-from .sse import MalformedStream, drain, iter_sse
+from .sse import MalformedStream, SSEEvent, drain, iter_sse_batches, texts_by_batch
 
 MESSAGES_PATH = "/v1/messages"
 
@@ -144,43 +144,66 @@ class AnthropicBackend(HTTPBackend):
     async def _events(
         self, response: httpx.Response, request: Request
     ) -> AsyncIterator[Delta | Done]:
-        prompt_tokens: int | None = None
-        output_tokens: int | None = None
-        stop: str | None = None
-        stopped = False
-        chars = 0
-        events = iter_sse(response)
+        state = _StreamState()
+        batches = iter_sse_batches(response)
         try:
-            async for event in events:
-                parsed = _decode(event.data)
-                kind = parsed.type or event.event
-                if kind == "content_block_delta":
-                    text = parsed.delta.text if parsed.delta else None
-                    if text:
-                        chars += len(text)
-                        yield Delta(text, estimate_tokens(text))
-                elif kind == "message_start":
-                    usage = parsed.message.usage if parsed.message else None
-                    if usage is not None:
-                        prompt_tokens = usage.prompt_tokens()
-                elif kind == "message_delta":
-                    if parsed.delta is not None and parsed.delta.stop_reason:
-                        stop = parsed.delta.stop_reason
-                    if parsed.usage is not None:
-                        output_tokens = parsed.usage.output_tokens or output_tokens
-                        prompt_tokens = parsed.usage.prompt_tokens() or prompt_tokens
-                elif kind == "message_stop":
-                    stopped = True
-                    break
-                elif kind == "error":
-                    raise http_errors.from_error_object(parsed.error)
-                # ping, content_block_start/stop and future event types carry no text
+            async for texts in texts_by_batch(batches, state.take):
+                yield Delta("".join(texts), sum(estimate_tokens(t) for t in texts))
         except MalformedStream as exc:
             raise http_errors.malformed(str(exc)) from None
-        if not stopped:
+        if not state.stopped:
             raise http_errors.malformed("stream ended before message_stop (connection cut?)")
-        await drain(events)
-        yield Done(finish_reason(stop), _usage(request, prompt_tokens, output_tokens, chars))
+        await drain(batches)
+        yield Done(finish_reason(state.stop), state.usage(request))
+
+
+class _StreamState:
+    """What a Messages stream has told us so far."""
+
+    __slots__ = ("chars", "output_tokens", "prompt_tokens", "stop", "stopped")
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.stop: str | None = None
+        self.stopped = False
+        self.chars = 0
+
+    def take(self, event: SSEEvent, texts: list[str]) -> bool:
+        """Apply one event, appending its text to ``texts``; True at ``message_stop``."""
+        parsed = _decode(event.data)
+        kind = parsed.type or event.event
+        if kind == "content_block_delta":
+            text = parsed.delta.text if parsed.delta else None
+            if text:  # text_delta; thinking/json deltas carry no answer text
+                self.chars += len(text)
+                texts.append(text)
+        elif kind == "message_start":
+            usage = parsed.message.usage if parsed.message else None
+            if usage is not None:
+                self.prompt_tokens = usage.prompt_tokens()
+        elif kind == "message_delta":
+            if parsed.delta is not None and parsed.delta.stop_reason:
+                self.stop = parsed.delta.stop_reason
+            if parsed.usage is not None:
+                self.output_tokens = parsed.usage.output_tokens or self.output_tokens
+                self.prompt_tokens = parsed.usage.prompt_tokens() or self.prompt_tokens
+        elif kind == "message_stop":
+            self.stopped = True
+            return True
+        elif kind == "error":
+            raise http_errors.from_error_object(parsed.error)
+        # ping, content_block_start/stop and future event types carry no text
+        return False
+
+    def usage(self, request: Request) -> Usage:
+        prompt, output = self.prompt_tokens, self.output_tokens
+        if prompt is not None and output is not None:
+            return Usage(prompt, output, prompt + output)
+        return estimated_usage(
+            prompt if prompt is not None else estimate_prompt(request.messages, request.prompt),
+            output if output is not None else round(self.chars / CHARS_PER_TOKEN),
+        )
 
 
 def _decode(data: str) -> _Event:
@@ -188,12 +211,3 @@ def _decode(data: str) -> _Event:
         return _decode_event(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise http_errors.malformed(f"data is not an anthropic event ({exc})", data) from None
-
-
-def _usage(request: Request, prompt: int | None, output: int | None, chars: int) -> Usage:
-    if prompt is not None and output is not None:
-        return Usage(prompt, output, prompt + output)
-    return estimated_usage(
-        prompt if prompt is not None else estimate_prompt(request.messages, request.prompt),
-        output if output is not None else round(chars / CHARS_PER_TOKEN),
-    )

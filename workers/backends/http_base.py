@@ -4,9 +4,10 @@ One ``httpx.AsyncClient`` per backend, its pool sized to the worker's slots (eve
 hold one upstream stream), HTTP/2 only for https (h2c prior knowledge would break plain
 HTTP/1.1 servers). Timeouts: ``connect_timeout`` to open a connection, ``timeout`` as the
 longest silence tolerated while reading (a stalled stream fails, a long but live one does
-not).
+not). A pooled keep-alive connection that the server closed just as we reused it is
+retried once on a fresh one (nothing was answered, so nothing runs twice).
 
-Every failure leaves through ``_failed``, which is where the upstream's condition is
+Every failure leaves through ``failed``, which is where the upstream's condition is
 recorded for ``health()``: a 429 (or any response with Retry-After) makes the worker report
 DEGRADED with ``retry_after`` until that time has passed, so the broker sends work elsewhere;
 an unreachable upstream does the same for a short, growing backoff, cleared by the next
@@ -46,6 +47,8 @@ HTTPSpec: TypeAlias = OpenAISpec | AnthropicSpec | AzureSpec
 DEFAULT_RATE_LIMIT_S = 1.0  # degrade this long after a 429 that names no Retry-After
 UNREACHABLE_BACKOFF_S = (0.5, 30.0)  # first and longest degrade after connect failures
 MAX_JSON_BODY = 256 * 1024 * 1024  # a non-stream body (embeddings) larger than this is refused
+# What a reused connection the server already closed looks like: safe to send once more.
+_STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 _SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
@@ -163,22 +166,41 @@ class HTTPBackend(Backend, abc.ABC):
         request closes its upstream stream."""
         if self._client is None:
             raise BackendUnavailable(f"{self.backend_name} backend is not started")
-        started = False
+        request = self._client.build_request(
+            "POST", path, content=msgspec.json.encode(payload), params=params,
+            headers=_SSE_HEADERS if payload.get("stream") else _JSON_HEADERS,
+        )
+        response = await self._send(self._client, request)
         try:
-            async with self._client.stream(
-                "POST", path, content=msgspec.json.encode(payload), params=params,
-                headers=_SSE_HEADERS if payload.get("stream") else _JSON_HEADERS,
-            ) as response:
-                started = True
-                if not 200 <= response.status_code < 300:
-                    body = await read_bounded(response, http_errors.BODY_LIMIT)
-                    raise http_errors.from_status(response.status_code, response.headers, body)
-                self.upstream.reachable()
-                yield response
+            if not 200 <= response.status_code < 300:
+                body = await read_bounded(response, http_errors.BODY_LIMIT)
+                raise http_errors.from_status(response.status_code, response.headers, body)
+            self.upstream.reachable()
+            yield response
         except httpx.HTTPError as exc:
-            raise self.failed(http_errors.from_transport(exc, response_started=started)) from exc
+            raise self.failed(http_errors.from_transport(exc, response_started=True)) from exc
         except TokenHiveError as exc:
             raise self.failed(exc) from exc.__cause__
+        finally:
+            await response.aclose()
+
+    async def _send(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+        """Send, retrying once when a pooled keep-alive connection turns out to have been
+        closed by the server as we used it ("disconnected without sending a response"):
+        nothing was answered, so nothing was done twice. Every other failure is final."""
+        for attempt in (1, 2):
+            try:
+                return await client.send(request, stream=True)
+            except _STALE_CONNECTION as exc:
+                if attempt == 2:
+                    raise self.failed(
+                        http_errors.from_transport(exc, response_started=False)) from exc
+                log.debug("retrying on a fresh connection", extra={
+                    "backend": self.backend_name, "error": type(exc).__name__})
+            except httpx.HTTPError as exc:
+                raise self.failed(
+                    http_errors.from_transport(exc, response_started=False)) from exc
+        raise AssertionError("unreachable")
 
     async def post_json(
         self, path: str, payload: dict[str, Any], params: dict[str, str] | None = None

@@ -4,8 +4,13 @@ Chat and completion requests always stream upstream (``stream: true``), whatever
 asked for: the runtime assembles non-stream answers, and a streamed upstream call is what
 lets a cancel close the connection and stop the server's work. Usage comes from the stream
 (``stream_options.include_usage``); a server that sends none gets an estimate marked
-``estimated=True``. A server that ignores ``stream`` and answers with one JSON body is
-served too.
+``estimated=True``; a server that rejects ``stream_options`` by name (older Azure
+api-versions, older servers) is asked again without it, once per backend. A server that
+ignores ``stream`` and answers with one JSON body is served too.
+
+Content chunks that arrive together (one network read) become one Delta: the text is
+already here, so merging costs no latency and saves a message per token on every hop
+downstream. The Delta's token count is the number of chunks merged (one token each).
 
 Everything Azure does differently (URL, key header, api-version, no model field) sits in
 ``Routes``; ``AzureBackend`` is this class with other routes.
@@ -37,7 +42,7 @@ from .openai_wire import (
     embeddings_body,
     request_body,
 )
-from .sse import MalformedStream, drain, iter_sse
+from .sse import MalformedStream, SSEEvent, drain, iter_sse_batches, texts_by_batch
 
 log = logging.getLogger("tokenhive.workers.openai")
 
@@ -127,45 +132,24 @@ class OpenAIBackend(HTTPBackend):
     async def _events(
         self, response: httpx.Response, request: Request
     ) -> AsyncIterator[Delta | Done]:
-        finish: str | None = None
-        usage: Usage | None = None
-        pieces = 0
-        done = False
-        events = iter_sse(response)
+        state = _StreamState()
+        batches = iter_sse_batches(response)
         try:
-            async for event in events:
-                if event.data == "[DONE]":
-                    done = True
-                    break
-                if event.event == "error":
-                    raise http_errors.from_error_object(_error_event(event.data))
-                chunk = _decode_chunk(event.data)
-                if chunk.error is not None:
-                    raise http_errors.from_error_object(chunk.error)
-                if chunk.usage is not None and _counted(chunk.usage):
-                    usage = chunk.usage.to_usage()
-                for choice in chunk.choices or ():
-                    if choice.index != 0:
-                        continue
-                    text = choice.content()
-                    if text:
-                        pieces += 1
-                        yield Delta(text, 1)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+            async for texts in texts_by_batch(batches, state.take):
+                yield Delta(texts[0] if len(texts) == 1 else "".join(texts), len(texts))
         except MalformedStream as exc:
             raise http_errors.malformed(str(exc)) from None
-        if done:
-            await drain(events)
-        elif finish is None:
+        if state.done:
+            await drain(batches)
+        elif state.finish is None:
             ctype = response.headers.get("content-type", "")
             if not ctype.startswith("text/event-stream"):
                 raise http_errors.malformed(f"expected an event stream, got {ctype or 'no'} "
                                             "content-type")
             raise http_errors.malformed("stream ended before [DONE] (connection cut?)")
-        if usage is None:
-            usage = estimated_usage(estimate_prompt(request.messages, request.prompt), pieces)
-        yield Done(finish_reason(finish), usage)
+        usage = state.usage or estimated_usage(
+            estimate_prompt(request.messages, request.prompt), state.pieces)
+        yield Done(finish_reason(state.finish), usage)
 
     async def _whole_body(
         self, response: httpx.Response, request: Request
@@ -213,6 +197,41 @@ class OpenAIBackend(HTTPBackend):
         else:
             usage = estimated_usage(sum(estimate_tokens(t) for t in request.input), 0)
         return Embeddings(vectors, usage)
+
+
+class _StreamState:
+    """What a chat/completion stream has told us so far."""
+
+    __slots__ = ("done", "finish", "pieces", "usage")
+
+    def __init__(self) -> None:
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+        self.pieces = 0  # content chunks: one token each, for the estimate
+        self.done = False
+
+    def take(self, event: SSEEvent, texts: list[str]) -> bool:
+        """Apply one event, appending its text to ``texts``; True at ``[DONE]``."""
+        if event.data == "[DONE]":
+            self.done = True
+            return True
+        if event.event == "error":
+            raise http_errors.from_error_object(_error_event(event.data))
+        chunk = _decode_chunk(event.data)
+        if chunk.error is not None:
+            raise http_errors.from_error_object(chunk.error)
+        if chunk.usage is not None and _counted(chunk.usage):
+            self.usage = chunk.usage.to_usage()
+        for choice in chunk.choices or ():
+            if choice.index != 0:
+                continue
+            text = choice.content()
+            if text:
+                self.pieces += 1
+                texts.append(text)
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+        return False
 
 
 def _decode_chunk(data: str) -> Completion:

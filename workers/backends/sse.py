@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
 import httpx
@@ -145,6 +145,31 @@ async def iter_sse(response: httpx.Response, max_line: int = MAX_LINE) -> AsyncI
     async for batch in iter_sse_batches(response, max_line):
         for event in batch:
             yield event
+
+
+async def texts_by_batch(
+    batches: AsyncIterator[list[SSEEvent]], take: Callable[[SSEEvent, list[str]], bool]
+) -> AsyncIterator[list[str]]:
+    """Apply ``take(event, texts)`` to every event; yield the texts each batch produced
+    (one Delta's worth). Ends after the event for which ``take`` returns True (the stream's
+    final event). When ``take`` raises, the texts before it in that batch still go out
+    first, then the error."""
+    async for batch in batches:
+        texts: list[str] = []
+        final = False
+        try:
+            for event in batch:
+                if take(event, texts):
+                    final = True
+                    break
+        except Exception:
+            if texts:
+                yield texts
+            raise
+        if texts:
+            yield texts
+        if final:
+            return
 
 
 async def drain(events: AsyncIterator[object], limit_s: float = 1.0) -> None:
