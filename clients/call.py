@@ -22,6 +22,7 @@ from tokenhive.schemas.errors import DeadlineExceeded, TokenHiveError
 from tokenhive.schemas.messages import Chunk, Error, Final, Request, StreamMsg, Submit
 
 from .connection import Connection
+from .inbox import Inbox
 from .result import Result
 from .retry import RetryPolicy
 
@@ -33,7 +34,7 @@ class Call:
         self._retry = retry
         self._deadline: float | None = None  # set at the first submission
         self._attempt = 0
-        self._queue: asyncio.Queue[StreamMsg] | None = None
+        self._queue: Inbox | None = None
         self._active_id = request.id
         self._generation = 0
         self._parts: list[str] = []
@@ -82,6 +83,7 @@ class Call:
     def abort(self) -> None:
         """Tell the broker to stop the attempt in flight (the caller gave up on it)."""
         if self._queue is not None:
+            self._queue.close()
             self._conn.cancel(self._active_id, self._generation)
             self._queue = None
 
@@ -101,24 +103,22 @@ class Call:
             raise self._deadline_error()
         request = msgspec.structs.replace(self._request, id=self._active_id, timeout=remaining)
         self._queue, self._generation = self._conn.open_stream(self._active_id)
+        if remaining is not None:  # one timer for the attempt, not one per wait
+            self._queue.expire_at(asyncio.get_running_loop().time() + remaining)
         self._conn.send(Submit(request=request))
 
     async def _receive(self) -> StreamMsg:
         queue = self._queue
         assert queue is not None
-        if not queue.empty():
-            return queue.get_nowait()
-        remaining = self._remaining()
-        if remaining is None:
-            return await queue.get()
         try:
-            async with asyncio.timeout(max(0.0, remaining)):
-                return await queue.get()
+            return await queue.get()
         except TimeoutError:
             self.abort()
             raise self._deadline_error() from None
 
     def _end_attempt(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
         self._conn.close_stream(self._active_id)
         self._queue = None
 

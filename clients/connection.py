@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import typing
 from collections import deque
-from typing import Any
 
 import msgspec
 import zmq
@@ -41,12 +41,28 @@ from tokenhive.schemas.messages import (
     Pong,
     StatusQuery,
     StatusReply,
-    StreamMsg,
 )
+
+from .inbox import Inbox
 
 log = logging.getLogger("tokenhive.client")
 
-HWM = 100_000  # the reader drains into per-request queues, so the socket rarely holds much
+HWM = 100_000  # the reader drains into per-request inboxes, so the socket rarely holds much
+RECV_BATCH = 1_000  # messages handled per wake-up before letting other callbacks run
+
+# I/O goes through the socket's C-level methods on its edge-triggered FD (as in the broker
+# and the worker link), not through zmq.asyncio futures: those cost several Python calls,
+# IntFlag operations and a future per message, which was most of the client's CPU per
+# request. A send that would block (the high-water mark) waits in a backlog, in order.
+_raw_send = zmq.backend.Socket.send
+_raw_recv = zmq.backend.Socket.recv
+_raw_getsockopt = zmq.backend.Socket.get
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 class ConnectionStats(msgspec.Struct):
@@ -77,7 +93,10 @@ class Connection:
         self._monitor: zmq.asyncio.Socket | None = None
         self._generation = 0  # bumped per socket, so a late Cancel never goes to a new one
         self._tasks: list[asyncio.Task[None]] = []
-        self._streams: dict[str, asyncio.Queue[StreamMsg]] = {}
+        self._streams: dict[str, Inbox] = {}
+        self._fd = -1
+        self._backlog: deque[bytes] = deque()  # bodies a full socket could not take yet
+        self._poke_pending = False
         self._status_waiters: deque[asyncio.Future[StatusReply]] = deque()
         self._busy = asyncio.Event()
         self._last_heard = 0.0
@@ -86,15 +105,14 @@ class Connection:
 
     # -- requests -------------------------------------------------------------------------
 
-    def open_stream(self, request_id: str) -> tuple[asyncio.Queue[StreamMsg], int]:
-        """Register a request id; its stream messages will arrive on the returned queue."""
+    def open_stream(self, request_id: str) -> tuple[Inbox, int]:
+        """Register a request id; its stream messages will arrive in the returned inbox."""
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in flight")
         self._ensure_socket()
         self._mark_busy()
-        queue: asyncio.Queue[StreamMsg] = asyncio.Queue()
-        self._streams[request_id] = queue
-        return queue, self._generation
+        inbox = self._streams[request_id] = Inbox()
+        return inbox, self._generation
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -108,10 +126,21 @@ class Connection:
         sock = self._socket if generation is not None else self._ensure_socket()
         if sock is None:
             return False
-        # zmq.asyncio returns a Future (typed as a plain Awaitable): nothing awaits it, so a
-        # callback collects its exception instead of leaving "never retrieved" noise.
-        future = asyncio.ensure_future(sock.send_multipart([VERSION_FRAME, encode(msg)]))
-        future.add_done_callback(_log_send_failure)
+        body = encode(msg)
+        if not self._backlog:
+            try:
+                _raw_send(sock, VERSION_FRAME, _NOBLOCK_MORE)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as exc:
+                log.debug("client send failed", extra={"error": str(exc)})
+                return True
+            else:  # a multipart message is atomic: the first frame in means all go in
+                _raw_send(sock, body, _NOBLOCK)
+                self._poke()
+                return True
+        self._backlog.append(body)
+        self._poke()
         return True
 
     def cancel(self, request_id: str, generation: int) -> None:
@@ -142,9 +171,10 @@ class Connection:
     async def aclose(self) -> None:
         """Cancel whatever is in flight (the broker is told), then close the socket."""
         self._closed = True
-        for request_id, queue in list(self._streams.items()):
+        for request_id, inbox in list(self._streams.items()):
             self.send(Cancel(id=request_id), self._generation)
-            queue.put_nowait(Error.make(request_id, ErrorCode.CANCELLED, "client closed"))
+            inbox.put(Error.make(request_id, ErrorCode.CANCELLED, "client closed"))
+        self._flush()  # the Cancels, before the socket closes
         self._streams.clear()
         self._drop_socket(BrokerUnavailable("client closed"))
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -177,9 +207,10 @@ class Connection:
             sock.close(linger=0)
             raise InvalidRequest(f"cannot connect to {self.address!r}: {exc}") from None
         self._socket, self._monitor = sock, monitor
+        self._fd = typing.cast(int, sock.getsockopt(zmq.FD))
+        loop.add_reader(self._fd, self._on_events)
         self.stats.sockets += 1
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(loop.create_task(self._read(sock), name="tokenhive-client-reader"))
         self._tasks.append(loop.create_task(self._heartbeat(sock), name="tokenhive-client-ping"))
         self._tasks.append(
             loop.create_task(self._watch(sock, monitor), name="tokenhive-client-mon")
@@ -189,8 +220,8 @@ class Connection:
 
     def _drop_socket(self, exc: BrokerUnavailable) -> None:
         """Fail everything in flight on the current socket and close it."""
-        for request_id, queue in self._streams.items():
-            queue.put_nowait(Error.make(request_id, exc.code, exc.message))
+        for request_id, inbox in self._streams.items():
+            inbox.put(Error.make(request_id, exc.code, exc.message))
         self._streams.clear()
         while self._status_waiters:
             waiter = self._status_waiters.popleft()
@@ -199,7 +230,10 @@ class Connection:
         self._busy.clear()
         sock, self._socket = self._socket, None
         monitor, self._monitor = self._monitor, None
+        self._backlog.clear()
         if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
             sock.disable_monitor()
             sock.close(linger=0)
         if monitor is not None:
@@ -221,15 +255,53 @@ class Connection:
 
     # -- tasks ----------------------------------------------------------------------------
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                frames = await sock.recv_multipart()
-                self._last_heard = time.monotonic()
-                self.stats.received += 1
-                self._deliver(frames)
-        except (asyncio.CancelledError, zmq.ZMQError):
-            return  # socket replaced or closed
+    def _poke(self) -> None:
+        """Look at the socket again on the next loop turn: our own sends may have consumed
+        the edge-triggered FD's signal for messages that are already waiting."""
+        if not self._poke_pending and self._loop is not None:
+            self._poke_pending = True
+            self._loop.call_soon(self._on_events)
+
+    def _on_events(self) -> None:
+        """Receive (and flush the backlog) until ZMQ_EVENTS shows nothing left to do."""
+        self._poke_pending = False
+        handled = 0
+        while (sock := self._socket) is not None:
+            try:
+                events = typing.cast(int, _raw_getsockopt(sock, _EVENTS))
+                if self._backlog and events & _POLLOUT:
+                    self._flush()
+                    continue
+                if not events & _POLLIN:
+                    return
+                if handled >= RECV_BATCH:
+                    self._poke()  # more is waiting: let the callers run first
+                    return
+                frames = [_raw_recv(sock, _NOBLOCK)]
+                while _raw_getsockopt(sock, _RCVMORE):
+                    frames.append(_raw_recv(sock, _NOBLOCK))
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                return  # closed under us; _drop_socket handles the rest
+            handled += 1
+            self._last_heard = time.monotonic()
+            self.stats.received += 1
+            self._deliver(frames)
+
+    def _flush(self) -> None:
+        sock = self._socket
+        backlog = self._backlog
+        while sock is not None and backlog:
+            try:
+                _raw_send(sock, VERSION_FRAME, _NOBLOCK_MORE)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.debug("client send failed", extra={"error": str(exc)})
+                backlog.clear()
+                return
+            _raw_send(sock, backlog.popleft(), _NOBLOCK)
 
     def _deliver(self, frames: list[bytes]) -> None:
         if len(frames) != 2 or frames[0] != VERSION_FRAME:
@@ -244,12 +316,12 @@ class Connection:
             log.warning("undecodable message from broker", extra={"error": str(exc)})
             return
         if isinstance(msg, Chunk | Final | Error):
-            queue = self._streams.get(msg.id)
-            if queue is None:
+            inbox = self._streams.get(msg.id)
+            if inbox is None:
                 self.stats.unknown_id += 1
                 log.debug("message for unknown request", extra={"request_id": msg.id})
             else:
-                queue.put_nowait(msg)
+                inbox.put(msg)
         elif isinstance(msg, StatusReply):
             while self._status_waiters:
                 waiter = self._status_waiters.popleft()
@@ -297,7 +369,3 @@ class Connection:
             wake = min(next_ping, self._last_heard + self.broker_timeout)
             await asyncio.sleep(max(0.0, wake - time.monotonic()))
 
-
-def _log_send_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("client send failed", extra={"error": str(future.exception())})

@@ -98,7 +98,20 @@ def test_lines_are_the_same_however_the_bytes_are_chunked(cuts: list[int]) -> No
         "data: héllo", "", "event: e", "data: wörld ✓", "", "data: z"]
 
 
+@given(st.lists(st.integers(min_value=0, max_value=60), max_size=8))
+def test_lf_only_lines_split_anywhere_including_inside_characters(cuts: list[int]) -> None:
+    # LF-only streams take the one-decode-per-read path: a cut inside a multi-byte
+    # character or between lines must not change the lines, nor may U+2028 end one.
+    body = 'data: {"t": "hé\u2028✓"}\n\ndata: wörld\n: c\ndata: z'.encode()
+    points = sorted({min(c, len(body)) for c in cuts})
+    parts = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    assert split_lines(parts) == [
+        'data: {"t": "hé\u2028✓"}', "", "data: wörld", ": c", "data: z"]
+
+
 def test_overlong_line_and_invalid_utf8_are_malformed() -> None:
+    with pytest.raises(MalformedStream, match="longer than"):  # after complete lines, LF-only
+        split_lines([b"data: ok\ndata: " + b"x" * 100], max_line=50)
     with pytest.raises(MalformedStream, match="longer than"):
         split_lines([b"data: " + b"x" * 100], max_line=50)
     with pytest.raises(MalformedStream, match="UTF-8"):

@@ -39,6 +39,7 @@ from tokenhive.schemas.messages import Health, Kind
 from ..backend import Backend, BackendInfo, HealthReport
 from ..secrets import Secret, install_log_guard, load_api_key
 from . import http_errors
+from .http11 import LeanHTTPTransport
 
 log = logging.getLogger("tokenhive.workers.http")
 
@@ -127,6 +128,9 @@ class HTTPBackend(Backend, abc.ABC):
             http2=self.spec.http2 and url.scheme == "https",
             limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
             timeout=httpx.Timeout(self.spec.timeout, connect=self.spec.connect_timeout),
+            # Plain http (a local vLLM / llama-server): the lean transport, a fraction of
+            # httpcore's CPU per request (see http11.py). TLS and HTTP/2 stay with httpx.
+            transport=LeanHTTPTransport(slots) if url.scheme == "http" else None,
         )
         log.info(
             "http backend ready",

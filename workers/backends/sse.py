@@ -89,8 +89,22 @@ async def iter_line_batches(
     pending = bytearray()
     async for chunk in chunks:
         pending += chunk
+        if b"\r" not in pending:
+            # The common case (LF-only lines): one decode and one split for the whole read.
+            # Splitting the decoded text at "\n" only is exact: LF never occurs inside a
+            # multi-byte UTF-8 sequence, and str.split does not break on U+2028 and kin.
+            end = pending.rfind(b"\n")
+            lines: list[str] = []
+            if end >= 0:
+                lines = _decode(pending[:end]).split("\n")
+                del pending[: end + 1]
+            if len(pending) > max_line:
+                raise MalformedStream(f"SSE line longer than {max_line} bytes")
+            if lines:
+                yield lines
+            continue
         start = 0
-        lines: list[str] = []
+        lines = []
         for match in _EOL.finditer(pending):
             if match.group() == b"\r" and match.end() == len(pending):
                 break  # a CR at the end may be the first half of a CRLF: wait for more
