@@ -8,18 +8,19 @@ worker of the default model (Gemma 3 270M, ``tokenhive.workers.default_model``).
 from __future__ import annotations
 
 import argparse
-import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from tokenhive.schemas.config import AnyWorkerSpec, PoolConfig, load_pool_config
-
-
-class ConfigError(Exception):
-    """A pool definition that cannot be used; the CLI prints it and exits 2."""
+from tokenhive.schemas.config import (
+    AnyWorkerSpec,
+    ConfigError,
+    PoolConfig,
+    load_pool_config,
+    parse_option,
+    parse_spec_json,
+)
 
 
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,14 +73,7 @@ def read_pool_file(path: Path) -> PoolConfig:
 
 
 def spec_from_flags(args: argparse.Namespace) -> AnyWorkerSpec:
-    raw: dict[str, Any] = {}
-    if args.spec_json:
-        try:
-            raw = json.loads(args.spec_json)
-        except ValueError as exc:
-            raise ConfigError(f"--spec-json is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError("--spec-json must be a JSON object")
+    raw: dict[str, Any] = parse_spec_json(args.spec_json) if args.spec_json else {}
     if args.backend:
         raw["backend"] = args.backend
     if args.path:
@@ -100,10 +94,8 @@ def spec_from_flags(args: argparse.Namespace) -> AnyWorkerSpec:
         except ValueError:
             raise ConfigError(f"--gpus {args.gpus!r}: expected comma-separated integers") from None
     for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
-        raw[key.strip()] = _parse_value(value)
+        key, value = parse_option(item)
+        raw[key] = value
     try:
         spec = msgspec.convert(raw, type=AnyWorkerSpec)  # type: ignore[arg-type]
     except msgspec.ValidationError as exc:
@@ -151,11 +143,4 @@ def _default_name(raw: dict[str, Any]) -> str:
         return Path(str(raw["path"])).stem
     return str(raw.get("backend", "model"))
 
-
-def _parse_value(raw: str) -> Any:
-    """``5`` -> 5, ``true`` -> True, ``[0, 1]`` -> list, else the string itself."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 

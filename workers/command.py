@@ -21,28 +21,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import re
 import sys
-import tomllib
 import typing
 from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
 
-from tokenhive.schemas.config import AnyWorkerSpec, WorkerConfig
+from tokenhive.schemas.config import (
+    AnyWorkerSpec,
+    ConfigError,
+    WorkerConfig,
+    parse_option,
+    parse_spec_json,
+)
 from tokenhive.schemas.logs import configure_logging
 
 from .backends import REGISTRY
 from .runtime import ExitCode, WorkerRuntime
 
 log = logging.getLogger("tokenhive.worker")
-
-
-class ConfigError(Exception):
-    """A command line that does not describe a valid worker."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,28 +73,8 @@ def spec_fields(backend: str) -> list[str]:
     raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(sorted(REGISTRY))}")
 
 
-def parse_value(raw: str) -> Any:
-    """``5`` -> 5, ``0.5`` -> 0.5, ``true`` -> True, ``[0, 1]`` -> [0, 1], ``null`` -> None,
-    ``"x"`` -> "x"; anything else is the string itself (``hello world``)."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if args.spec_json:
-        try:
-            spec = json.loads(args.spec_json)
-        except ValueError as exc:
-            raise ConfigError(f"--spec-json is not valid JSON: {exc}") from None
-        if not isinstance(spec, dict):
-            raise ConfigError("--spec-json must be a JSON object")
+    spec: dict[str, Any] = parse_spec_json(args.spec_json) if args.spec_json else {}
     if args.backend:
         spec["backend"] = args.backend
     backend = spec.get("backend")
@@ -106,16 +86,13 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             spec[flag] = value
     for item in args.option:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        key, value = parse_option(item)
         if key not in fields:
             raise ConfigError(
                 f"--option {key!r}: unknown option for backend {backend!r} "
                 f"(known: {', '.join(sorted(fields))})"
             )
-        spec[key] = parse_value(raw)
+        spec[key] = value
     if "model" not in spec:
         raise ConfigError("--model is required (or \"model\" in --spec-json)")
     return spec
