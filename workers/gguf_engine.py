@@ -23,13 +23,16 @@ prompt is decoded.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import queue
 import random
 import threading
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from tokenhive.schemas.errors import BackendError, ContextTooLong, InvalidRequest, TokenHiveError
 from tokenhive.schemas.messages import Usage
@@ -37,10 +40,13 @@ from tokenhive.schemas.messages import Usage
 from .backend import Delta, Done
 from .gguf_detok import Detokenizer, PieceCache, StopMatcher
 from .gguf_native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
+from .gguf_outbox import Outbox
 from .gguf_sampling import PENALTY_LAST_N, SamplerChain
-from .gguf_slots import Admitted, Job, Run, Slot, pick_slot
+from .gguf_slots import Admitted, Job, Run, Slot, pick_slot, plan_step
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,47 +58,25 @@ class EngineStats:
     generated_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
     decode_errors: int = 0
-    consecutive_decode_errors: int = 0
+    consecutive_decode_errors: int = 0  # since the last request that finished normally
     last_error: str = ""
-
-
-class _Outbox:
-    """Events of one step, grouped per event loop, delivered with one wake-up per loop."""
-
-    def __init__(self) -> None:
-        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]]
-        self._items = {}
-
-    def put(self, job: Job, event: object) -> None:
-        self._items.setdefault(job.loop, []).append((job.queue, event))
-
-    def flush(self) -> None:
-        items, self._items = self._items, {}
-        for loop, events in items.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, events)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
-
-
-def _deliver(events: list[tuple[asyncio.Queue[object], object]]) -> None:
-    for q, event in events:
-        q.put_nowait(event)
 
 
 class GGUFEngine:
     """``start()`` loads the model on the engine thread (blocking); then ``submit`` jobs."""
 
     def __init__(self, params: NativeParams, *, seed: int = 0, prefix_cache: bool = True):
+        # every generating sequence must fit in one step's batch
+        params = dataclasses.replace(params, n_batch=max(params.n_batch, params.slots))
         self.params = params
-        self.n_batch = max(params.n_batch, params.slots)  # every sequence fits in a step
+        self.n_batch = params.n_batch
         self.n_ctx = params.n_ctx  # per slot
         self.prefix_cache = prefix_cache
         self.stats = EngineStats()
         self.native: LlamaNative | None = None
         self._seeds = random.Random(seed)  # seeds for requests that bring none
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._outbox = _Outbox()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._outbox = Outbox()
         self._slots = [Slot(seq_id=i) for i in range(params.slots)]
         self._waiting: deque[Admitted] = deque()
         self._loaded = threading.Event()
@@ -116,10 +100,21 @@ class GGUFEngine:
     def cancel(self, key: int) -> None:
         self._inbox.put(("cancel", key))
 
+    def call(self, fn: Callable[[GGUFEngine], T]) -> Future[T]:
+        """Run ``fn(engine)`` on the engine thread between two steps (inspection, tests)."""
+        future: Future[T] = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._inbox.put(("close", None))
             self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        """Loaded and taking work (False before start, after close, after a crash)."""
+        return self._loaded.is_set() and self._thread.is_alive()
 
     @property
     def running(self) -> int:
@@ -144,10 +139,10 @@ class GGUFEngine:
                 self._outbox.flush()
         except BaseException as e:  # a bug here must not strand any stream
             log.exception("gguf engine crashed")
-            self._fail_everything(BackendError(f"gguf engine crashed: {e!r}"))
+            self._fail_everything(f"the gguf engine crashed: {e!r}")
             raise
         finally:
-            self._fail_everything(BackendError("the gguf engine was shut down"))
+            self._fail_everything("the gguf engine was shut down")
             self.native.close()
             self.native = None
 
@@ -165,6 +160,12 @@ class GGUFEngine:
                 elif kind == "cancel":
                     assert isinstance(arg, int)
                     self._cancel(arg)
+                elif kind == "call":
+                    fn, future = arg  # type: ignore[misc]
+                    try:
+                        future.set_result(fn(self))
+                    except Exception as e:
+                        future.set_exception(e)
                 msg = self._inbox.get_nowait()
         except queue.Empty:
             return True
@@ -243,48 +244,12 @@ class GGUFEngine:
         del slot.cached[keep:]
         return keep
 
-    def _plan(self) -> tuple[list[int], list[int], list[int], list[int], list[tuple[Slot, int]]]:
-        """This step's batch rows (tokens, positions, seq ids, logit flags), in sequence-id
-        order, and for each sequence in it how many tokens it contributes."""
-        runs = [s.run for s in self._slots if s.run is not None]
-        budget = self.n_batch - sum(1 for r in runs if not r.prefilling)
-        chunk: dict[int, int] = {}
-        for r in sorted((r for r in runs if r.prefilling), key=lambda r: r.admitted_at):
-            if budget <= 0:
-                break
-            chunk[r.job.key] = n = min(budget, len(r.prompt) - r.next_prompt)
-            budget -= n
-        tokens: list[int] = []
-        pos: list[int] = []
-        seq: list[int] = []
-        logits: list[int] = []
-        members: list[tuple[Slot, int]] = []
-        for slot in self._slots:
-            r = slot.run
-            if r is None:
-                continue
-            start = len(slot.cached)
-            if not r.prefilling:
-                new = [r.last_token]
-            elif r.job.key in chunk:
-                new = r.prompt[r.next_prompt : r.next_prompt + chunk[r.job.key]]
-            else:
-                r.batch_row = -1
-                continue
-            done_prompt = not r.prefilling or r.next_prompt + len(new) == len(r.prompt)
-            tokens += new
-            pos += range(start, start + len(new))
-            seq += [slot.seq_id] * len(new)
-            logits += [0] * (len(new) - 1) + [1 if done_prompt else 0]
-            r.batch_row = len(tokens) - 1 if done_prompt else -1
-            members.append((slot, len(new)))
-        return tokens, pos, seq, logits, members
-
     def _step(self) -> None:
         native = self.native
-        assert native is not None
-        tokens, pos, seq, logits, members = self._plan()
-        native.batch.fill(tokens, pos, seq, logits)
+        assert native is not None and native.ctx is not None
+        plan = plan_step(self._slots, self.n_batch)
+        tokens, members = plan.tokens, plan.members
+        native.batch.fill(tokens, plan.pos, plan.seq, plan.logits)
         rc = native.decode()
         if rc == DECODE_NO_KV_SLOT and self._evict_idle_caches():
             rc = native.decode()
@@ -293,7 +258,6 @@ class GGUFEngine:
             return
         self.stats.steps += 1
         self.stats.decoded_tokens += len(tokens)
-        self.stats.consecutive_decode_errors = 0
         row = 0
         for slot, n in members:
             run = slot.run
@@ -338,6 +302,7 @@ class GGUFEngine:
         n_prompt = len(run.prompt)
         usage = Usage(n_prompt, run.completion_tokens, n_prompt + run.completion_tokens)
         self._outbox.put(run.job, Done(reason, usage))
+        self.stats.consecutive_decode_errors = 0  # a request made it through: healthy again
         self._release(slot)
 
     def _release(self, slot: Slot) -> None:
@@ -375,12 +340,12 @@ class GGUFEngine:
             self.native.seq_rm(slot.seq_id, -1, -1)
             slot.cached.clear()
 
-    def _fail_everything(self, error: BackendError) -> None:
+    def _fail_everything(self, message: str) -> None:
         while self._waiting:
-            self._outbox.put(self._waiting.popleft().job, error)
+            self._outbox.put(self._waiting.popleft().job, BackendError(message))
         for slot in self._slots:
             if slot.run is not None:
-                self._outbox.put(slot.run.job, error)
+                self._outbox.put(slot.run.job, BackendError(message))
                 slot.run.sampler.free()
                 slot.run = None
         self._outbox.flush()

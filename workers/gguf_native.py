@@ -63,15 +63,17 @@ class StepBatch:
             for i in range(capacity)
         ]
         self._seq_id_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * capacity)(*row_ptrs)
-        self.struct = llama_cpp.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = ctypes.cast(
-            self._seq_id_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))
+        self.struct = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(
+                self._seq_id_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))
+            ),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
     def fill(self, tokens: list[int], pos: list[int], seq: list[int], logits: list[int]) -> None:
         n = len(tokens)

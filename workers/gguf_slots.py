@@ -92,3 +92,49 @@ def pick_slot(free: list[Slot], prompt: list[int], reuse: bool) -> tuple[Slot, i
         if keep > best_keep or (keep == best_keep and slot.last_used < best.last_used):
             best, best_keep = slot, keep
     return best, max(best_keep, 0)
+
+
+@dataclass
+class StepPlan:
+    """One step's batch rows, in sequence-id order, and what each sequence contributes."""
+
+    tokens: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    logits: list[int] = field(default_factory=list)  # 1: compute this row's logits
+    members: list[tuple[Slot, int]] = field(default_factory=list)  # (slot, tokens in batch)
+
+
+def plan_step(slots: list[Slot], n_batch: int) -> StepPlan:
+    """Every generating sequence gets its one token; prefilling sequences share what is left
+    of ``n_batch``, earliest admitted first. Sets each run's ``batch_row`` (the row whose
+    logits it samples from after the decode, -1 if its prompt is not finished yet)."""
+    runs = [s.run for s in slots if s.run is not None]
+    budget = n_batch - sum(1 for r in runs if not r.prefilling)
+    chunk: dict[int, int] = {}
+    for pre in sorted((r for r in runs if r.prefilling), key=lambda r: r.admitted_at):
+        if budget <= 0:
+            break
+        chunk[pre.job.key] = n = min(budget, len(pre.prompt) - pre.next_prompt)
+        budget -= n
+    plan = StepPlan()
+    for slot in slots:  # ascending sequence ids: llama.cpp splits the batch least that way
+        r = slot.run
+        if r is None:
+            continue
+        start = len(slot.cached)
+        if not r.prefilling:
+            new = [r.last_token]
+        elif r.job.key in chunk:
+            new = r.prompt[r.next_prompt : r.next_prompt + chunk[r.job.key]]
+        else:
+            r.batch_row = -1
+            continue
+        done_prompt = not r.prefilling or r.next_prompt + len(new) == len(r.prompt)
+        plan.tokens += new
+        plan.pos += range(start, start + len(new))
+        plan.seq += [slot.seq_id] * len(new)
+        plan.logits += [0] * (len(new) - 1) + [1 if done_prompt else 0]
+        r.batch_row = len(plan.tokens) - 1 if done_prompt else -1
+        plan.members.append((slot, len(new)))
+    return plan

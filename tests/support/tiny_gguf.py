@@ -7,8 +7,10 @@ byte tokens, so *any* text tokenizes (byte fallback). A ChatML template sits in 
 Weights are random but seeded, so every run writes the same model. The output projection is
 scaled up so logits are well separated: greedy decoding then does not hinge on the last bit
 of a float, which keeps "batched == alone" comparisons meaningful on this model. The EOG
-tokens' output rows are zeroed by default so that greedy generation runs until max_tokens
-(tests that need an end-of-generation use the real Gemma model).
+tokens' output rows are zeroed by default so that greedy generation runs until max_tokens.
+``eos_always=True`` writes the opposite model: every token embedding carries a large
+constant component that only the ``</s>`` output row reads, so ``</s>`` wins every step
+(a real end-of-generation on demand, for testing that path).
 
 Usage (e.g. in a session-scoped fixture)::
 
@@ -49,11 +51,11 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     """Tokens, SentencePiece scores (higher merges first) and token types."""
     tokens: list[str] = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     scores: list[float] = [0.0] * len(tokens)
-    types: list[int] = [TokenType.UNKNOWN] + [TokenType.CONTROL] * 4
+    types: list[int] = [int(TokenType.UNKNOWN)] + [int(TokenType.CONTROL)] * 4
     for b in range(256):
         tokens.append(f"<0x{b:02X}>")
         scores.append(0.0)
-        types.append(TokenType.BYTE)
+        types.append(int(TokenType.BYTE))
     pieces = ["▁"] + list(_CHARS) + ["▁" + c for c in _CHARS if c.isalnum()]
     pieces += ["▁" + w for w in _WORDS] + _WORDS
     seen = set(tokens)
@@ -64,11 +66,13 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
         tokens.append(piece)
         # Longer pieces score higher so the tokenizer prefers whole words over letters.
         scores.append(-100.0 + 10.0 * len(piece))
-        types.append(TokenType.NORMAL)
+        types.append(int(TokenType.NORMAL))
     return tokens, scores, types
 
 
-def write_tiny_llama(path: Path | str, *, seed: int = 1234, suppress_eog: bool = True) -> Path:
+def write_tiny_llama(
+    path: Path | str, *, seed: int = 1234, suppress_eog: bool = True, eos_always: bool = False
+) -> Path:
     """Write the tiny model to ``path`` (well under a second) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,13 +106,18 @@ def write_tiny_llama(path: Path | str, *, seed: int = 1234, suppress_eog: bool =
     w.add_add_bos_token(True)
     w.add_chat_template(CHATML_TEMPLATE)
 
-    w.add_tensor("token_embd.weight", rand(n_vocab, N_EMBD, scale=1.0))
-    w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    embd = rand(n_vocab, N_EMBD, scale=1.0)
     # Large output scale -> logit gaps of several units, so greedy picks are stable.
     output = rand(n_vocab, N_EMBD, scale=1.5)
-    if suppress_eog:
+    if suppress_eog and not eos_always:
         output[2] = 0.0  # </s>
         output[4] = 0.0  # <|im_end|>
+    if eos_always:
+        embd[:, 0] = 8.0  # a constant direction in every hidden state ...
+        output[:, 0] = 0.0
+        output[2, 0] = 50.0  # ... that only </s> reads, with a large weight
+    w.add_tensor("token_embd.weight", embd)
+    w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
     w.add_tensor("output.weight", output)
     attn = 1.0 / np.sqrt(N_EMBD)
     for i in range(N_LAYER):

@@ -118,6 +118,8 @@ class GGUFBackend(Backend):
         engine = self.engine
         if engine is None:
             return HealthReport()
+        if not engine.alive:
+            return HealthReport(health=Health.UNHEALTHY, detail="the gguf engine stopped")
         stats = engine.stats
         if stats.consecutive_decode_errors >= self.spec.degraded_after_errors:
             return HealthReport(
@@ -129,8 +131,12 @@ class GGUFBackend(Backend):
 
     def make_job(self, request: Request) -> Job:
         """Validate and format a request into an engine job (nothing queued yet)."""
-        if self.engine is None:
-            raise BackendError("the gguf backend is not running (embedding mode or closed)")
+        if self._embedder is not None:
+            raise InvalidRequest(
+                f"model {self.spec.model!r} is served for embeddings only (embedding = true)"
+            )
+        if self.engine is None or not self.engine.alive:
+            raise BackendError("the gguf engine is not running (closed or crashed)")
         check_sampling(request.sampling)
         stops = list(request.sampling.stop)
         if request.kind is Kind.COMPLETION:
