@@ -34,10 +34,10 @@ batch: $(STAMP)
 	$(BIN)/tokenhive batch $(JOBS) -o $(OUT)
 
 bench: $(STAMP)
-	$(BIN)/python bench/broker.py
-	$(BIN)/python bench/gguf.py
-	$(BIN)/python bench/batching.py
-	$(BIN)/python bench/remote.py
+	$(BIN)/python -m bench.broker
+	$(BIN)/python -m bench.gguf
+	$(BIN)/python -m bench.batching
+	$(BIN)/python -m bench.remote
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Aggregate generation throughput with 1, 4, 8, 16 concurrent requests: tokenhive vs
 llama.cpp's own llama-server, same model, same slots, same threads, in one run.
 
-    .venv/bin/python bench/batching.py [--tokens 128] [--rounds 3] [--threads 2] [--slots 16]
+    .venv/bin/python -m bench.batching [--tokens 128] [--rounds 3] [--threads 2] [--slots 16]
 
 * ``pool``: broker + one gguf worker (``slots`` sequences) as subprocesses, requests
   through ``AsyncClient``;
@@ -18,21 +18,15 @@ machine noise hits every mode alike; medians are reported. Targets at 8 and 16: 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/gguf.py sits next to this file and would shadow the `gguf` package (imported by the
-# model-file checks) while this folder is first on sys.path. Drop that entry.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
 import argparse
 import asyncio
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 

@@ -1,6 +1,6 @@
 """Chunks through the broker vs zmq.proxy (C) vs a direct link, on this machine, in one run.
 
-    .venv/bin/python bench/broker.py [--chunks 400000] [--rate 5000] [--seconds 2] [--rounds 3]
+    .venv/bin/python -m bench.broker [--chunks 400000] [--rate 5000] [--seconds 2] [--rounds 3]
 
 Producers are raw zmq processes that speak the worker protocol (Ready, then on each
 Dispatch stream chunks with the route frame, then a Final); the consumer is a raw DEALER

@@ -1,6 +1,6 @@
 """Single-stream generation: llama-cpp-python direct vs our engine vs the whole pool.
 
-    .venv/bin/python bench/gguf.py [--tokens 256] [--rounds 5] [--threads 2] [--model PATH]
+    .venv/bin/python -m bench.gguf [--tokens 256] [--rounds 5] [--threads 2] [--model PATH]
 
 Same model (Gemma 3 270M Q4_K_M unless --model), same prompt, greedy, same thread count,
 in one run, rounds interleaved (A B C A B C ...) so machine noise hits every mode alike;
@@ -22,14 +22,6 @@ noise. All modes use flash attention (llama.cpp's "auto" picks it on CPU; the hi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and this file (gguf.py) would
-# shadow the `gguf` package the model-file checks import. Drop that entry.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
 import argparse
 import asyncio
 import os
@@ -37,6 +29,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import llama_cpp
 

@@ -1,7 +1,7 @@
 """Pool overhead for remote-API workers: small streamed requests through tokenhive vs the
 same server called directly with httpx, in the same run.
 
-    .venv/bin/python bench/remote.py [--requests 2000] [--concurrency 32] [--tokens 16]
+    .venv/bin/python -m bench.remote [--requests 2000] [--concurrency 32] [--tokens 16]
 
 The upstream is a deliberately trivial OpenAI-compatible server started by this script (a
 raw asyncio protocol in its own process, uvloop): every POST gets the same prebuilt SSE

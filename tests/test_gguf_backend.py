@@ -66,9 +66,9 @@ def test_info_after_start(tiny: Path) -> None:
         assert set(info.kinds) == {Kind.CHAT, Kind.COMPLETION}
         assert info.memory_mb > 0
 
-    backend = make_backend(GGUFSpec(model="m", path=str(tiny), n_ctx=300, slots=3))
+    backend = make_backend(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=300, slots=3))
     assert isinstance(backend, GGUFBackend)
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=300, slots=3), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=300, slots=3), check)
 
 
 @pytest.mark.timeout(30)
@@ -89,7 +89,7 @@ def test_missing_truncated_and_unloadable_files_are_model_load_failed(
     for path, reason in [
         (tmp_path / "nope.gguf", "not found"), (truncated, "truncated"), (alien, "could not load"),
     ]:
-        backend = GGUFBackend(GGUFSpec(model="m", path=str(path)))
+        backend = GGUFBackend(GGUFSpec(model="m", path=str(path), n_threads=1))
 
         async def start(b: GGUFBackend = backend) -> None:
             try:
@@ -127,7 +127,7 @@ def test_chat_uses_the_gguf_template_and_usage_matches_the_tokenizer(tiny: Path)
         assert done.usage.total_tokens == n_prompt + 20
         assert done.finish_reason == "length"
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=256), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=256), check)
 
 
 @pytest.mark.timeout(60)
@@ -152,7 +152,7 @@ def test_context_guard_refuses_before_inference_and_unset_max_tokens_fills_the_s
         assert done.usage.completion_tokens == 128 - n_prompt
         assert done.usage.total_tokens == 128
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=128, slots=2), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=128, slots=2), check)
 
 
 @pytest.mark.timeout(60)
@@ -171,7 +171,7 @@ def test_bad_requests_are_typed_errors_and_change_nothing(tiny: Path) -> None:
             await b.embed(Request(id="r", model="m", kind=Kind.EMBEDDING, input=["a"]))
         assert await collect(b, completion("steady", max_tokens=10)) == before
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=128), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=128), check)
 
 
 # --- stop sequences, EOG ---------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_stop_sequence_spanning_deltas_cuts_the_text_there(tiny: Path) -> None:
                                                     stop=["never-there"]))
         assert (text, done.finish_reason) == (full, "length")
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=256), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=256), check)
 
 
 @pytest.mark.timeout(30)
@@ -208,7 +208,7 @@ def test_end_of_generation_token_finishes_with_stop(tmp_path: Path) -> None:
         assert (text, deltas, done.finish_reason) == ("", [], "stop")
         assert done.usage.completion_tokens == 0  # the EOG token itself is not output
 
-    run_with(GGUFSpec(model="m", path=str(eos_model), n_ctx=128), check)
+    run_with(GGUFSpec(model="m", path=str(eos_model), n_threads=1, n_ctx=128), check)
 
 
 # --- sampling --------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_same_seed_same_text_other_seed_other_text(tiny: Path) -> None:
         unseeded = {(await collect(b, req(None)))[0] for _ in range(3)}
         assert len(unseeded) == 3  # no seed: each request gets its own
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=128, slots=3), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=128, slots=3), check)
 
 
 @pytest.mark.timeout(60)
@@ -243,7 +243,7 @@ def test_penalties_and_truncation_reach_the_sampler(tiny: Path) -> None:
                                             top_k=1, seed=1)))[0]
         assert top1 == greedy
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=128), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=128), check)
 
 
 # --- embedding mode ---------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_embedding_mode_serves_embed_only(tiny: Path) -> None:
         with pytest.raises(InvalidRequest, match="embeddings only"):
             await collect(b, completion("hi"))
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=128, embedding=True), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=128, embedding=True), check)
 
 
 # --- Gemma: real text ---------------------------------------------------------------------------

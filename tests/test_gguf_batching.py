@@ -38,6 +38,7 @@ from tokenhive.schemas.messages import Kind, Request, Sampling
 from tokenhive.workers.backend import Delta, Done
 from tokenhive.workers.backends.gguf import GGUFBackend
 from tokenhive.workers.gguf_native import LlamaNative, NativeParams
+from tokenhive.workers.gguf_slots import Job
 
 TINY_PROMPTS = [f"Story {i}: once upon a time the {w}" for i, w in enumerate(
     ["cat", "dog", "sun", "moon", "tree", "river", "stone", "light"])]
@@ -85,6 +86,39 @@ async def collect(b: GGUFBackend, req: Request, log: list[tuple[str, object]] | 
     raise AssertionError("stream ended without Done")
 
 
+class RecordingQueue(asyncio.Queue[object]):
+    """A job's event queue that also notes (name, event) in a shared log as the engine
+    delivers it: the log is then in engine order (consumer tasks may run in any order)."""
+
+    def __init__(self, name: str, log: list[tuple[str, object]]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def put_nowait(self, item: object) -> None:
+        self.log.append((self.name, item))
+        super().put_nowait(item)
+
+
+def submit_recorded(b: GGUFBackend, req: Request, log: list[tuple[str, object]]) -> Job:
+    job = b.make_job(req)
+    job.queue = RecordingQueue(req.id, log)
+    assert b.engine is not None
+    b.engine.submit(job)
+    return job
+
+
+async def drain(job: Job) -> tuple[str, Done]:
+    parts: list[str] = []
+    while True:
+        ev = await job.queue.get()
+        if isinstance(ev, BaseException):
+            raise ev
+        if isinstance(ev, Done):
+            return "".join(parts), ev
+        assert isinstance(ev, Delta)
+        parts.append(ev.text)
+
+
 def run_with(spec: GGUFSpec, test: object) -> None:
     async def main() -> None:
         async with GGUFBackend(spec) as b:
@@ -115,7 +149,7 @@ def test_tiny_8_concurrent_equal_alone(tiny: Path) -> None:
         assert len({t for t, _ in alone}) == 8  # eight different texts, not one repeated
         assert engine.stats.steps - steps <= 64 + 8  # they really shared the steps
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=256, slots=8), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=256, slots=8), check)
 
 
 @pytest.mark.timeout(60)
@@ -125,7 +159,7 @@ def test_tiny_16_requests_on_4_slots_queue_and_equal_alone(tiny: Path) -> None:
         alone, together = await alone_then_together(b, prompts, 32)
         assert together == alone
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=256, slots=4), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=256, slots=4), check)
 
 
 @pytest.mark.timeout(60)
@@ -135,7 +169,7 @@ def test_batch_smaller_than_slots_is_raised_to_fit_every_sequence(tiny: Path) ->
         alone, together = await alone_then_together(b, TINY_PROMPTS, 16)
         assert together == alone
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=256, slots=8, n_batch=2), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=256, slots=8, n_batch=2), check)
 
 
 @pytest.mark.gemma
@@ -207,29 +241,31 @@ def test_cancel_one_sequence_leaves_the_others_untouched(tiny: Path) -> None:
         assert await collect(b, completion(TINY_PROMPTS[0], 200)) == alone[0]
         assert engine.running == 0
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=512, slots=5), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=512, slots=5), check)
 
 
 @pytest.mark.timeout(60)
 def test_finished_sequence_hands_its_slot_to_a_queued_request_at_once(tiny: Path) -> None:
     async def check(b: GGUFBackend) -> None:
         log: list[tuple[str, object]] = []
-        await asyncio.gather(
-            collect(b, completion("short one", 4, "A"), log),
-            collect(b, completion("long one", 300, "B"), log),
-            collect(b, completion("queued", 4, "C"), log),
-        )
+        requests = [completion("short one", 4, "A"), completion("long one", 300, "B"),
+                    completion("queued", 4, "C")]  # two slots: C waits for one
+        jobs = [submit_recorded(b, r, log) for r in requests]
+        await asyncio.gather(*(drain(j) for j in jobs))
         a_done = next(i for i, (rid, ev) in enumerate(log) if rid == "A" and isinstance(ev, Done))
         c_first = next(i for i, (rid, _) in enumerate(log) if rid == "C")
-        b_tokens_between = sum(
-            ev.tokens for rid, ev in log[a_done:c_first] if rid == "B" and isinstance(ev, Delta))
-        # C is admitted in the step right after A finished: B makes at most that step's token
-        # (plus one held back by an incomplete UTF-8 character) before C's first token.
-        assert b_tokens_between <= 2, b_tokens_between
+        c_delta = log[c_first][1]
+        assert isinstance(c_delta, Delta)
+        b_steps_between = sum(
+            1 for rid, ev in log[a_done:c_first] if rid == "B" and isinstance(ev, Delta))
+        # C is admitted in the step right after the one A finished in: between A's Done and
+        # C's first text, B streams at most one delta per step, i.e. the finishing step's
+        # plus one per C token whose text was still held back (a split UTF-8 character).
+        assert b_steps_between <= c_delta.tokens, (b_steps_between, c_delta.tokens)
         b_done = next(i for i, (rid, ev) in enumerate(log) if rid == "B" and isinstance(ev, Done))
         assert c_first < b_done
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=512, slots=2), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=512, slots=2), check)
 
 
 @pytest.mark.timeout(60)
@@ -245,15 +281,10 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_flowing(
         n_prompt = alone[1].usage.prompt_tokens
         assert n_prompt > 8 * 32  # needs many 32-token steps
         log: list[tuple[str, object]] = []
-        a_stream = b.stream(completion("keep going", 400, "A"))
-        log.append(("A", await anext(a_stream)))  # A is generating
-
-        async def drain_a() -> None:
-            async for ev in a_stream:
-                log.append(("A", ev))
-
-        runner = asyncio.ensure_future(drain_a())
-        newcomer = await collect(b, completion(long_prompt, 10, "B"), log)
+        a_job = submit_recorded(b, completion("keep going", 400, "A"), log)
+        await a_job.queue.get()  # A is generating
+        runner = asyncio.ensure_future(drain(a_job))
+        newcomer = await drain(submit_recorded(b, completion(long_prompt, 10, "B"), log))
         await runner
         b_first = next(i for i, (rid, _) in enumerate(log) if rid == "B")
         a_tokens = sum(ev.tokens for rid, ev in log[:b_first]
@@ -262,7 +293,8 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_flowing(
         assert a_tokens >= n_prompt // 31 - 1, (a_tokens, n_prompt)
         assert newcomer == alone
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=512, slots=2, n_batch=32), check)
+    spec = GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=512, slots=2, n_batch=32)
+    run_with(spec, check)
 
 
 @pytest.mark.timeout(60)
@@ -279,7 +311,7 @@ def test_context_overflow_fails_only_that_request(tiny: Path) -> None:
         assert isinstance(results[1], ContextTooLong)
         assert [results[0], *results[2:]] == alone
 
-    run_with(GGUFSpec(model="m", path=str(tiny), n_ctx=128, slots=4), check)
+    run_with(GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=128, slots=4), check)
 
 
 # --- prefix reuse ------------------------------------------------------------------------------
@@ -291,7 +323,8 @@ def test_prompt_prefix_is_reused_and_gives_the_same_text(tiny: Path) -> None:
     followups = [system + "First question?", system + "Second question?"]
 
     async def outputs(prefix_cache: bool) -> tuple[list[tuple[str, Done]], int]:
-        spec = GGUFSpec(model="m", path=str(tiny), n_ctx=512, slots=2, prefix_cache=prefix_cache)
+        spec = GGUFSpec(model="m", path=str(tiny), n_threads=1, n_ctx=512, slots=2,
+                        prefix_cache=prefix_cache)
         async with GGUFBackend(spec) as b:
             got = [await collect(b, completion(p, 30)) for p in followups]
             assert b.engine is not None

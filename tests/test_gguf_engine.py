@@ -157,7 +157,7 @@ async def _generate(backend: GGUFBackend, prompt: str, n: int) -> tuple[list[flo
 
 @pytest.mark.timeout(120)
 def test_token_path_is_linear_over_a_long_generation(tiny: Path) -> None:
-    spec = GGUFSpec(model="tiny", path=str(tiny), n_ctx=2048, n_threads=1)
+    spec = GGUFSpec(model="tiny", path=str(tiny), n_threads=1, n_ctx=2048)
 
     async def main() -> None:
         async with GGUFBackend(spec) as b:
@@ -177,7 +177,7 @@ def test_token_path_is_linear_over_a_long_generation(tiny: Path) -> None:
 def test_real_decode_errors_fail_their_requests_and_degrade_health(tiny: Path) -> None:
     """Make llama_decode really fail: drop most of a running sequence's KV cache behind the
     engine's back (on the engine thread), so its next batch has inconsistent positions."""
-    spec = GGUFSpec(model="tiny", path=str(tiny), n_ctx=512, degraded_after_errors=2)
+    spec = GGUFSpec(model="tiny", path=str(tiny), n_threads=1, n_ctx=512, degraded_after_errors=2)
 
     async def break_one(b: GGUFBackend) -> None:
         engine = b.engine
@@ -208,7 +208,7 @@ def test_real_decode_errors_fail_their_requests_and_degrade_health(tiny: Path) -
 
 @pytest.mark.timeout(60)
 def test_engine_close_answers_every_outstanding_request(tiny: Path) -> None:
-    spec = GGUFSpec(model="tiny", path=str(tiny), n_ctx=512)  # one slot
+    spec = GGUFSpec(model="tiny", path=str(tiny), n_threads=1, n_ctx=512)  # one slot
 
     async def main() -> None:
         async with GGUFBackend(spec) as b:
