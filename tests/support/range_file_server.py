@@ -17,17 +17,21 @@ class RangeFileServer:
     produces on demand. With ``ranges=False`` it ignores Range and never advertises
     ``Accept-Ranges`` (a server that cannot resume). ``status`` forces an error status.
     ``range_headers`` records each GET's Range header (None when absent), in order.
+    With ``stall_first_after=N`` the first GET sends N body bytes and then stalls until
+    ``release`` is set (a server that hangs mid-download, so a download stays in progress).
     """
 
     def __init__(
         self, payload: bytes, *, name: str = "model.gguf", cut_first_after: int | None = None,
-        ranges: bool = True, status: int = 200,
+        ranges: bool = True, status: int = 200, stall_first_after: int | None = None,
     ) -> None:
         self.payload = payload
         self.name = name
         self.cut_first_after = cut_first_after
         self.ranges = ranges
         self.status = status
+        self.stall_first_after = stall_first_after
+        self.release = threading.Event()
         self.range_headers: list[str | None] = []
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -77,6 +81,12 @@ class RangeFileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if first and server.stall_first_after is not None:
+                    self.wfile.write(body[: server.stall_first_after])
+                    self.wfile.flush()
+                    server.release.wait(timeout=60)
+                    self.close_connection = True
+                    return
                 self.wfile.write(body)
 
         return Handler
@@ -86,6 +96,7 @@ class RangeFileServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)
