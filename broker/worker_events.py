@@ -196,8 +196,9 @@ class WorkerEvents:
         jobs = sorted(worker.active.values(), key=lambda j: j.seq, reverse=True)
         worker.active.clear()
         worker.cancelling.clear()
-        log.warning("worker removed", extra={"worker": worker.name, "model": worker.model,
-                                             "why": why, "in_flight": len(jobs)})
+        # a worker leaving idle (drained, stopped) is routine; losing work is not
+        log.log(logging.WARNING if jobs else logging.INFO, "worker removed", extra={
+            "worker": worker.name, "model": worker.model, "why": why, "in_flight": len(jobs)})
         for job in jobs:  # newest first, each to the front: the oldest ends up leading
             self.inflight.remove(job)
             if job.chunks == 0 and job.attempts < self.cfg.max_attempts:
