@@ -151,15 +151,21 @@ def test_missing_package_is_a_clear_error(cache: Path, monkeypatch: pytest.Monke
 # -- examples ------------------------------------------------------------------------------
 
 
-def test_example_prompts_are_openai_batch_chat_requests() -> None:
+def test_example_prompts_are_openai_batch_requests() -> None:
     lines = (EXAMPLES / "prompts.jsonl").read_text().splitlines()
     assert 6 <= len(lines) <= 12
     rows = [json.loads(line) for line in lines]
     assert len({r["custom_id"] for r in rows}) == len(rows), "custom_id must be unique"
+    completions = [r for r in rows if r["url"] == "/v1/completions"]
+    assert completions, "a base model shows its real text best on plain completions"
+    for row in completions:
+        assert row["method"] == "POST" and isinstance(row["body"]["prompt"], str)
     for row in rows:
-        assert row["method"] == "POST" and row["url"] == "/v1/chat/completions"
         body = row["body"]
         assert body["model"] == "gemma3-270m" and 0 < body["max_tokens"] <= 64
+        if row in completions:
+            continue
+        assert row["method"] == "POST" and row["url"] == "/v1/chat/completions"
         roles = [m["role"] for m in body["messages"]]
         # the gemma format wants user/assistant turns alternating after an optional system
         turns = roles[1:] if roles[0] == "system" else roles
