@@ -19,10 +19,11 @@ from tokenhive.schemas.errors import BackendError, InvalidRequest
 from tokenhive.schemas.messages import Health, Kind, Request, Sampling
 from tokenhive.workers.backend import Delta, Done
 from tokenhive.workers.backends.gguf import GGUFBackend
-from tokenhive.workers.gguf_detok import Detokenizer, PieceCache, StopMatcher
+from tokenhive.workers.gguf_detok import Detokenizer, PieceCache
 from tokenhive.workers.gguf_native import LlamaNative, NativeParams
 from tokenhive.workers.gguf_sampling import check_sampling
 from tokenhive.workers.gguf_slots import Slot, pick_slot
+from tokenhive.workers.stops import StopMatcher
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,12 @@ from tokenhive.schemas.errors import BackendError, ContextTooLong, InvalidReques
 from tokenhive.schemas.messages import Usage
 
 from .backend import Delta, Done
-from .gguf_detok import Detokenizer, PieceCache, StopMatcher
+from .gguf_detok import Detokenizer, PieceCache
 from .gguf_native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
 from .gguf_outbox import Outbox
 from .gguf_sampling import PENALTY_LAST_N, SamplerChain
 from .gguf_slots import Admitted, Job, Run, Slot, pick_slot, plan_step
+from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
 

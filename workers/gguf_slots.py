@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from tokenhive.schemas.messages import Sampling
 
-from .gguf_detok import Detokenizer, StopMatcher
+from .gguf_detok import Detokenizer
 from .gguf_sampling import SamplerChain
+from .stops import StopMatcher
 
 
 @dataclass

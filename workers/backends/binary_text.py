@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from tokenhive.schemas.messages import Message
 
+from ..stops import held_suffix_len
+
 
 def flatten_chat(messages: list[Message]) -> str:
     """The llama-cli convention: "System: …\\nUser: …\\nAssistant:" (role names capitalised),
@@ -82,17 +84,6 @@ class OutputFilter:
         if final:
             self._held = ""
             return held
-        keep = _longest_partial(held, [*self._stops, self._marker])
+        keep = held_suffix_len(held, [*self._stops, self._marker])
         self._held = held[len(held) - keep:] if keep else ""
         return held[: len(held) - keep]
-
-
-def _longest_partial(text: str, needles: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some needle."""
-    best = 0
-    for needle in needles:
-        for n in range(min(len(needle) - 1, len(text)), best, -1):
-            if text.endswith(needle[:n]):
-                best = n
-                break
-    return best
