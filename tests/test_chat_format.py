@@ -16,7 +16,7 @@ import pytest
 from gguf import GGUFWriter
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from tests.support.tiny_gguf import CHATML_TEMPLATE, write_tiny_llama
+from tests.support.tiny_gguf import CHATML_TEMPLATE
 from tokenhive.schemas.errors import InvalidRequest, ModelLoadFailed
 from tokenhive.schemas.messages import Message
 from tokenhive.workers.chat_format import TemplateFormatter, as_dicts, make_chat_formatter
@@ -138,11 +138,6 @@ def gemma_template_md(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     return read_gguf_metadata(write_template_gguf(path, GEMMA3_TEMPLATE, tokens, bos=2, eos=1))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
-
-
 # -- the model's own template --------------------------------------------------------------
 
 
@@ -178,18 +173,18 @@ def test_template_raise_exception_is_invalid_request(gemma_template_md: dict[str
         fmt(NOT_ALTERNATING)
 
 
-def test_tiny_model_template_from_file_and_from_llama_metadata(tiny_model: Path) -> None:
+def test_tiny_model_template_from_file_and_from_llama_metadata(tiny_gguf: Path) -> None:
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
                "<|im_start|>assistant\n"
     conversation = msgs(("system", "Be brief."), ("user", "Hi"))
-    from_file = make_chat_formatter(read_gguf_metadata(tiny_model), None)
+    from_file = make_chat_formatter(read_gguf_metadata(tiny_gguf), None)
     assert from_file(conversation) == expected
     assert from_file.add_bos is True  # ChatML writes no BOS; the file says add one
     assert from_file.stop == ["<|im_end|>", "</s>"]
 
-    llama = llama_cpp.Llama(str(tiny_model), vocab_only=True, verbose=False)
+    llama = llama_cpp.Llama(str(tiny_gguf), vocab_only=True, verbose=False)
     try:
-        assert {k: v for k, v in read_gguf_metadata(tiny_model).items()
+        assert {k: v for k, v in read_gguf_metadata(tiny_gguf).items()
                 if not k.startswith("tokenhive.")} == llama.metadata
         bos_text = llama._model.token_get_text(llama.token_bos())
         eos_text = llama._model.token_get_text(llama.token_eos())
@@ -205,8 +200,8 @@ def test_tiny_model_template_from_file_and_from_llama_metadata(tiny_model: Path)
         llama.close()
 
 
-def test_explicit_chat_format_overrides_template(tiny_model: Path) -> None:
-    fmt = make_chat_formatter(read_gguf_metadata(tiny_model), "plain")
+def test_explicit_chat_format_overrides_template(tiny_gguf: Path) -> None:
+    fmt = make_chat_formatter(read_gguf_metadata(tiny_gguf), "plain")
     assert fmt.name == "plain"
     assert fmt(msgs(("user", "Hi"))) == "User: Hi\nAssistant:"
 

@@ -20,8 +20,8 @@ from tokenhive.workers.backends.gguf import GGUFBackend
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("backend") / "tiny.gguf")
+def tiny(tiny_gguf: Path) -> Path:
+    return tiny_gguf  # the session's tiny model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from tests.support.tiny_gguf import write_tiny_llama
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ContextTooLong
 from tokenhive.schemas.messages import Kind, Request, Sampling
@@ -56,8 +55,8 @@ OPEN_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("batching") / "tiny.gguf")
+def tiny(tiny_gguf: Path) -> Path:
+    return tiny_gguf  # the session's tiny model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

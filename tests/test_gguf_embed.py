@@ -10,7 +10,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from tests.support.tiny_gguf import N_EMBD, write_tiny_llama
+from tests.support.tiny_gguf import N_EMBD
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ContextTooLong, InternalError, InvalidRequest, ModelLoadFailed
 from tokenhive.workers.gguf_embed import GGUFEmbedder
@@ -25,21 +25,16 @@ def spec(**kw: object) -> GGUFSpec:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("embed") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_model: Path) -> Iterator[GGUFEmbedder]:
+def embedder(tiny_gguf: Path) -> Iterator[GGUFEmbedder]:
     e = GGUFEmbedder()
-    e.load(tiny_model, spec())
+    e.load(tiny_gguf, spec())
     yield e
     e.close()
 
 
 @pytest.fixture(scope="module")
-def vocab(tiny_model: Path) -> Iterator[llama_cpp.Llama]:
-    llama = llama_cpp.Llama(str(tiny_model), vocab_only=True, verbose=False)
+def vocab(tiny_gguf: Path) -> Iterator[llama_cpp.Llama]:
+    llama = llama_cpp.Llama(str(tiny_gguf), vocab_only=True, verbose=False)
     yield llama
     llama.close()
 
@@ -66,11 +61,11 @@ def test_same_input_same_vector_different_input_different(embedder: GGUFEmbedder
 
 
 def test_mean_pooling_is_the_mean_of_token_vectors(
-    tiny_model: Path, embedder: GGUFEmbedder
+    tiny_gguf: Path, embedder: GGUFEmbedder
 ) -> None:
     """Cross-check against llama.cpp's unpooled per-token output, averaged here."""
     per_token = llama_cpp.Llama(
-        str(tiny_model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
+        str(tiny_gguf), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
         n_ctx=256, n_batch=256, n_ubatch=256, verbose=False,
     )
     try:
@@ -82,10 +77,10 @@ def test_mean_pooling_is_the_mean_of_token_vectors(
     assert np.allclose(vectors[0], mean / np.linalg.norm(mean), atol=1e-5)
 
 
-def test_pooling_is_chosen_explicitly(tiny_model: Path, embedder: GGUFEmbedder) -> None:
+def test_pooling_is_chosen_explicitly(tiny_gguf: Path, embedder: GGUFEmbedder) -> None:
     mean, _ = embedder.embed([TEXTS[3]])
     last = GGUFEmbedder()
-    last.load(tiny_model, spec(pooling="last"))
+    last.load(tiny_gguf, spec(pooling="last"))
     try:
         last_vec, _ = last.embed([TEXTS[3]])
     finally:
@@ -93,12 +88,12 @@ def test_pooling_is_chosen_explicitly(tiny_model: Path, embedder: GGUFEmbedder) 
     assert len(last_vec[0]) == N_EMBD
     assert not np.allclose(mean[0], last_vec[0], atol=1e-3)
     with pytest.raises(ModelLoadFailed, match="pooling 'none' is not supported"):
-        GGUFEmbedder().load(tiny_model, spec(pooling="none"))
+        GGUFEmbedder().load(tiny_gguf, spec(pooling="none"))
 
 
-def test_too_long_input_is_refused_and_changes_nothing(tiny_model: Path) -> None:
+def test_too_long_input_is_refused_and_changes_nothing(tiny_gguf: Path) -> None:
     e = GGUFEmbedder()
-    e.load(tiny_model, GGUFSpec(model="tiny", embedding=True, n_ctx=32))
+    e.load(tiny_gguf, GGUFSpec(model="tiny", embedding=True, n_ctx=32))
     try:
         before, _ = e.embed(["hello world"])
         with pytest.raises(ContextTooLong, match=r"input\[1\] has \d+ tokens.*at most 32"):
@@ -109,7 +104,7 @@ def test_too_long_input_is_refused_and_changes_nothing(tiny_model: Path) -> None
         e.close()
 
 
-def test_empty_request_and_use_outside_load(tiny_model: Path, embedder: GGUFEmbedder) -> None:
+def test_empty_request_and_use_outside_load(tiny_gguf: Path, embedder: GGUFEmbedder) -> None:
     with pytest.raises(InvalidRequest, match="at least one input"):
         embedder.embed([])
     vectors, tokens = embedder.embed([""])  # just BOS: still one vector
@@ -117,7 +112,7 @@ def test_empty_request_and_use_outside_load(tiny_model: Path, embedder: GGUFEmbe
     e = GGUFEmbedder()
     with pytest.raises(InternalError):
         e.embed(["x"])
-    e.load(tiny_model, spec())
+    e.load(tiny_gguf, spec())
     e.close()
     e.close()  # idempotent
     with pytest.raises(InternalError):

@@ -13,7 +13,6 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from tests.support.tiny_gguf import write_tiny_llama
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import BackendError, InvalidRequest
 from tokenhive.schemas.messages import Health, Kind, Request, Sampling
@@ -27,8 +26,8 @@ from tokenhive.workers.stops import StopMatcher
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("engine") / "tiny.gguf")
+def tiny(tiny_gguf: Path) -> Path:
+    return tiny_gguf  # the session's tiny model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.range_file_server import RangeFileServer
-from tests.support.tiny_gguf import write_tiny_llama
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
 from tokenhive.workers.gguf_file import GGUFHeader, inspect_gguf
@@ -28,8 +27,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def tiny_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny.gguf").read_bytes()
+def tiny_bytes(tiny_gguf: Path) -> bytes:
+    return tiny_gguf.read_bytes()
 
 
 @pytest.fixture
