@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from tokenhive.clients import AsyncClient
-from tokenhive.clients.local_pool import local_pool
+from tokenhive.clients.pool.local import local_pool
 from tokenhive.schemas.config import GGUFSpec, PoolConfig
 from tokenhive.schemas.messages import Kind, Request, Sampling
 from tokenhive.workers.backend import Done
@@ -132,7 +132,7 @@ async def aggregate(gen: Generate, level: int, n: int, round_no: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    from tokenhive.workers.default_model import default_model_path
+    from tokenhive.workers.models.default import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
     spec = GGUFSpec(model="bench", path=str(model), n_ctx=N_CTX, slots=args.slots,

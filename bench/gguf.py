@@ -34,7 +34,7 @@ from pathlib import Path
 import llama_cpp
 
 from tokenhive.clients import AsyncClient
-from tokenhive.clients.local_pool import local_pool
+from tokenhive.clients.pool.local import local_pool
 from tokenhive.schemas.config import GGUFSpec, PoolConfig
 from tokenhive.schemas.messages import Kind, Request, Sampling
 from tokenhive.workers.backend import Delta
@@ -174,7 +174,7 @@ def report(modes: list[Mode], args: argparse.Namespace) -> None:
 
 
 def _gemma() -> Path:
-    from tokenhive.workers.default_model import default_model_path
+    from tokenhive.workers.models.default import default_model_path
 
     return default_model_path()
 

@@ -37,11 +37,11 @@ import msgspec
 import uvloop
 
 from tokenhive.clients.async_client import AsyncClient
-from tokenhive.clients.local_pool import local_pool
+from tokenhive.clients.pool.local import local_pool
 from tokenhive.schemas.config import OpenAISpec, PoolConfig
 from tokenhive.schemas.messages import Message, Request, Sampling
+from tokenhive.workers.backends.http.sse import iter_sse
 from tokenhive.workers.backends.openai import OpenAIBackend
-from tokenhive.workers.backends.sse import iter_sse
 
 TARGET_ADDED_P50_MS = 2.0
 TARGET_RATE_RATIO = 0.90

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from tokenhive.broker.registry import WorkerRegistry
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import Error, Request
-
-from .registry import WorkerRegistry
 
 
 class Refusal(NamedTuple):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from .registry import Worker
+from tokenhive.broker.registry import Worker
 
 
 class Balancer(Protocol):

@@ -22,11 +22,10 @@ import msgspec
 import uvloop
 import zmq
 
+from tokenhive.broker.loop import BrokerServer
+from tokenhive.broker.validate import config_problems
+from tokenhive.logs import configure_logging
 from tokenhive.schemas.config import BrokerConfig
-from tokenhive.schemas.logs import configure_logging
-
-from .loop import BrokerServer
-from .validate import config_problems
 
 log = logging.getLogger("tokenhive.broker")
 

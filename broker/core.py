@@ -17,6 +17,17 @@ from collections.abc import Callable
 
 import msgspec
 
+from tokenhive.broker import admission, wire
+from tokenhive.broker.balancer import Balancer, make_balancer
+from tokenhive.broker.deadlines import DeadlineHeap
+from tokenhive.broker.inflight import InFlight, KeyMaker
+from tokenhive.broker.job import ClientState, Job, JobState
+from tokenhive.broker.queue import ModelQueue
+from tokenhive.broker.registry import Worker, WorkerRegistry
+from tokenhive.broker.sink import GONE, SENT, Sink
+from tokenhive.broker.status import COUNTERS, snapshot
+from tokenhive.broker.timers import Timers
+from tokenhive.broker.worker_events import WorkerEvents
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import client_msg_decoder, encode, stream_decoder
@@ -32,18 +43,6 @@ from tokenhive.schemas.messages import (
     StatusReply,
     Submit,
 )
-
-from . import admission, wire
-from .balancer import Balancer, make_balancer
-from .deadlines import DeadlineHeap
-from .inflight import InFlight, KeyMaker
-from .job import ClientState, Job, JobState
-from .queue import ModelQueue
-from .registry import Worker, WorkerRegistry
-from .sink import GONE, SENT, Sink
-from .status import COUNTERS, snapshot
-from .timers import Timers
-from .worker_events import WorkerEvents
 
 log = logging.getLogger("tokenhive.broker")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 
-from .job import Job
+from tokenhive.broker.job import Job
 
 
 class DeadlineHeap:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 import secrets
 
+from tokenhive.broker.job import Job
 from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END
-
-from .job import Job
 
 KEY_BYTES = 8
 

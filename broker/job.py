@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from tokenhive.schemas.messages import Request
 
 if TYPE_CHECKING:
-    from .registry import Worker
+    from tokenhive.broker.registry import Worker
 
 
 class JobState(enum.Enum):

@@ -23,11 +23,10 @@ from typing import Any
 
 import zmq
 
+from tokenhive.broker.core import BrokerCore
+from tokenhive.broker.sink import FULL, GONE, SENT
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.frames import VERSION_FRAME
-
-from .core import BrokerCore
-from .sink import FULL, GONE, SENT
 
 log = logging.getLogger("tokenhive.broker")
 

@@ -12,7 +12,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 
-from .job import Job
+from tokenhive.broker.job import Job
 
 _Entry = tuple[int, Job]  # (token, job); live iff job.queue_token == token
 

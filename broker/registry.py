@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from tokenhive.broker.job import Job
 from tokenhive.schemas.messages import Health, Kind, Ready
-
-from .job import Job
 
 LATENCY_ALPHA = 0.2  # weight of the newest sample in the latency EWMA
 

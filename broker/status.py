@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from tokenhive.broker.queue import ModelQueue
+from tokenhive.broker.registry import Worker
 from tokenhive.schemas.messages import StatusReply, WorkerStatus
-
-from .queue import ModelQueue
-from .registry import Worker
 
 #: Every counter the broker keeps, all present (zero) from the start.
 #: Accepted requests end in exactly one of completed / failed / cancelled, so

@@ -9,17 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tokenhive.broker.job import ClientState, Job, JobState
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import encode
 from tokenhive.schemas.messages import BrokerPing, Health
 
-from .job import ClientState, Job, JobState
-
 if TYPE_CHECKING:
-    from .deadlines import DeadlineHeap
-    from .queue import ModelQueue
-    from .registry import Worker, WorkerRegistry
+    from tokenhive.broker.deadlines import DeadlineHeap
+    from tokenhive.broker.queue import ModelQueue
+    from tokenhive.broker.registry import Worker, WorkerRegistry
 
 _WILL_SERVE = (Health.OK, Health.LOADING)
 

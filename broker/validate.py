@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from tokenhive.broker.balancer import BALANCERS
 from tokenhive.schemas.config import BrokerConfig
-
-from .balancer import BALANCERS
 
 
 def config_problems(cfg: BrokerConfig) -> list[str]:

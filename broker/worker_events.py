@@ -11,19 +11,18 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from tokenhive.broker import wire
+from tokenhive.broker.job import Job, JobState
+from tokenhive.broker.registry import Worker, WorkerRegistry
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, worker_msg_decoder
 from tokenhive.schemas.messages import Goodbye, Health, Heartbeat, Ready
 
-from . import wire
-from .job import Job, JobState
-from .registry import Worker, WorkerRegistry
-
 if TYPE_CHECKING:
-    from .inflight import InFlight
-    from .queue import ModelQueue
-    from .sink import Sink
+    from tokenhive.broker.inflight import InFlight
+    from tokenhive.broker.queue import ModelQueue
+    from tokenhive.broker.sink import Sink
 
 log = logging.getLogger("tokenhive.broker")
 

@@ -8,13 +8,9 @@ from typing import Unpack
 
 import zmq.asyncio
 
-from tokenhive.schemas.config import DEFAULT_CLIENTS
-from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Kind, Priority, Request, StatusReply
-
-from .call import Call
-from .connection import Connection, ConnectionStats
-from .request_builder import (
+from tokenhive.clients.call import Call
+from tokenhive.clients.connection import Connection, ConnectionStats
+from tokenhive.clients.request_builder import (
     EmbedOptions,
     MessagesArg,
     RequestOptions,
@@ -22,9 +18,12 @@ from .request_builder import (
     to_inputs,
     to_messages,
 )
-from .result import Result
-from .retry import RetryPolicy
-from .stream import Stream
+from tokenhive.clients.result import Result
+from tokenhive.clients.retry import RetryPolicy
+from tokenhive.clients.stream import Stream
+from tokenhive.schemas.config import DEFAULT_CLIENTS
+from tokenhive.schemas.errors import InvalidRequest
+from tokenhive.schemas.messages import Kind, Priority, Request, StatusReply
 
 
 class AsyncClient:

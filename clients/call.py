@@ -18,13 +18,12 @@ import time
 
 import msgspec
 
+from tokenhive.clients.connection import Connection
+from tokenhive.clients.inbox import Inbox
+from tokenhive.clients.result import Result
+from tokenhive.clients.retry import RetryPolicy
 from tokenhive.schemas.errors import DeadlineExceeded, TokenHiveError
 from tokenhive.schemas.messages import Chunk, Error, Final, Request, StreamMsg, Submit
-
-from .connection import Connection
-from .inbox import Inbox
-from .result import Result
-from .retry import RetryPolicy
 
 
 class Call:

@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from tokenhive.clients.inbox import Inbox
 from tokenhive.schemas.errors import BrokerUnavailable, ErrorCode, InvalidRequest
 from tokenhive.schemas.frames import VERSION_FRAME, broker_to_client_decoder, encode, version_of
 from tokenhive.schemas.messages import (
@@ -42,8 +43,6 @@ from tokenhive.schemas.messages import (
     StatusQuery,
     StatusReply,
 )
-
-from .inbox import Inbox
 
 log = logging.getLogger("tokenhive.client")
 

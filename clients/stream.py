@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
+from tokenhive.clients.call import Call
+from tokenhive.clients.result import Result
 from tokenhive.schemas.messages import Chunk
-
-from .call import Call
-from .result import Result
 
 
 class Stream:

@@ -6,16 +6,15 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Unpack
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.connection import ConnectionStats
+from tokenhive.clients.loop_thread import LoopThread
+from tokenhive.clients.request_builder import EmbedOptions, MessagesArg, RequestOptions
+from tokenhive.clients.result import Result
+from tokenhive.clients.retry import RetryPolicy
+from tokenhive.clients.stream import Stream
 from tokenhive.schemas.config import DEFAULT_CLIENTS
 from tokenhive.schemas.messages import Chunk, Priority, Request, StatusReply
-
-from .async_client import AsyncClient
-from .connection import ConnectionStats
-from .loop_thread import LoopThread
-from .request_builder import EmbedOptions, MessagesArg, RequestOptions
-from .result import Result
-from .retry import RetryPolicy
-from .stream import Stream
 
 
 class SyncStream:

@@ -1,8 +1,8 @@
 """Wire protocol, config and error codes. Pure data: nothing here does I/O."""
 
-from .errors import ErrorCode, TokenHiveError
-from .frames import PROTOCOL_VERSION, VERSION_FRAME
-from .messages import (
+from tokenhive.schemas.errors import ErrorCode, TokenHiveError
+from tokenhive.schemas.frames import PROTOCOL_VERSION, VERSION_FRAME
+from tokenhive.schemas.messages import (
     Chunk,
     Error,
     Final,

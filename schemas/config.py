@@ -22,8 +22,6 @@ API keys never appear in config values: config names an environment variable
 
 from __future__ import annotations
 
-import json
-import tomllib
 from typing import Literal
 
 import msgspec
@@ -197,36 +195,3 @@ def load_pool_config(text: str | bytes) -> PoolConfig:
 
 class ConfigError(ValueError):
     """A command line or config that does not describe something runnable."""
-
-
-def parse_option_value(raw: str) -> object:
-    """``5`` -> 5, ``0.5`` -> 0.5, ``true`` -> True, ``[0, 1]`` -> [0, 1], ``null`` -> None,
-    ``"x"`` -> "x"; anything else is the string itself (``hello world``)."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def parse_option(item: str) -> tuple[str, object]:
-    """``--option KEY=VALUE`` -> (key, typed value); ConfigError if it is not KEY=VALUE."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
-    return key, parse_option_value(raw)
-
-
-def parse_spec_json(text: str) -> dict[str, object]:
-    """``--spec-json``: a whole worker spec as a JSON object (what `tokenhive up` passes)."""
-    try:
-        spec = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"--spec-json is not valid JSON: {exc}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError("--spec-json must be a JSON object")
-    return spec

@@ -19,6 +19,7 @@ Exception tree::
     │   └── BackendTimeout              backend_timeout        (retryable)
     ├── BackendUnavailable              backend_unavailable    (retryable: connection failed)
     ├── ModelLoadFailed                 model_load_failed      (not retryable)
+    │   └── ModelFailed                 model_failed           (not retryable: workers crash)
     ├── BrokerUnavailable               broker_unavailable     (retryable)
     └── InternalError                   internal               (not retryable)
 
@@ -45,6 +46,7 @@ class ErrorCode(enum.StrEnum):
     BACKEND_TIMEOUT = "backend_timeout"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_FAILED = "model_failed"
     BROKER_UNAVAILABLE = "broker_unavailable"
     INTERNAL = "internal"
 
@@ -64,6 +66,7 @@ RETRYABLE: dict[ErrorCode, bool] = {
     ErrorCode.BACKEND_TIMEOUT: True,
     ErrorCode.BACKEND_UNAVAILABLE: True,
     ErrorCode.MODEL_LOAD_FAILED: False,
+    ErrorCode.MODEL_FAILED: False,
     ErrorCode.BROKER_UNAVAILABLE: True,
     ErrorCode.INTERNAL: False,
 }
@@ -149,6 +152,12 @@ class ModelLoadFailed(TokenHiveError):
     code = ErrorCode.MODEL_LOAD_FAILED
 
 
+class ModelFailed(ModelLoadFailed):
+    """Every worker of the model crashed K times in a row before serving (say, SIGILL)."""
+
+    code = ErrorCode.MODEL_FAILED
+
+
 class BrokerUnavailable(TokenHiveError):
     code = ErrorCode.BROKER_UNAVAILABLE
 
@@ -162,7 +171,7 @@ _BY_CODE: dict[ErrorCode, type[TokenHiveError]] = {
     for cls in (
         InvalidRequest, ContextTooLong, UnknownModel, ProtocolMismatch, Overloaded,
         RateLimited, DeadlineExceeded, Cancelled, WorkerLost, BackendError, BackendTimeout,
-        BackendUnavailable, ModelLoadFailed, BrokerUnavailable, InternalError,
+        BackendUnavailable, ModelLoadFailed, ModelFailed, BrokerUnavailable, InternalError,
     )
 }
 

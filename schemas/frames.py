@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import msgspec
 
-from .messages import BrokerToClientMsg, BrokerToWorkerMsg, ClientMsg, StreamMsg, WorkerMsg
+from tokenhive.schemas.messages import (
+    BrokerToClientMsg,
+    BrokerToWorkerMsg,
+    ClientMsg,
+    StreamMsg,
+    WorkerMsg,
+)
 
 PROTOCOL_VERSION = 1
 VERSION_FRAME = b"TH" + bytes([PROTOCOL_VERSION])

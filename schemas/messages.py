@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import RETRYABLE, ErrorCode, TokenHiveError, error_class
+from tokenhive.schemas.errors import RETRYABLE, ErrorCode, TokenHiveError, error_class
 
 # ---------------------------------------------------------------------------------------------
 # Request

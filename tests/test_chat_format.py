@@ -19,8 +19,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tests.support.tiny_gguf import CHATML_TEMPLATE
 from tokenhive.schemas.errors import InvalidRequest, ModelLoadFailed
 from tokenhive.schemas.messages import Message
-from tokenhive.workers.chat_format import TemplateFormatter, as_dicts, make_chat_formatter
-from tokenhive.workers.gguf_file import BOS_TEXT_KEY, EOS_TEXT_KEY, read_gguf_metadata
+from tokenhive.workers.gguf.chat_format import TemplateFormatter, as_dicts, make_chat_formatter
+from tokenhive.workers.models.gguf_file import BOS_TEXT_KEY, EOS_TEXT_KEY, read_gguf_metadata
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.procs import ipc_address
 from tokenhive.clients import Client
-from tokenhive.clients.cli import main
+from tokenhive.clients.cli.main import main
 
 
 class UpProcess:
@@ -27,7 +27,7 @@ class UpProcess:
     def __init__(self, args: list[str], log: Path) -> None:
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenhive.clients.cli", "up", *args],
+            [sys.executable, "-m", "tokenhive.clients.cli.main", "up", *args],
             stdout=subprocess.PIPE, stderr=self._log, text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tokenhive.clients.cli import main
+from tokenhive.clients.cli.main import main
 
 pytestmark = [
     pytest.mark.gemma,

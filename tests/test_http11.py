@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.real_servers import free_port
-from tokenhive.workers.backends.http11 import LeanHTTPTransport
+from tokenhive.workers.backends.http.transport import LeanHTTPTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 

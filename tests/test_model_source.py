@@ -19,9 +19,9 @@ import pytest
 from tests.support.range_file_server import RangeFileServer
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
-from tokenhive.workers.gguf_file import GGUFHeader, inspect_gguf
-from tokenhive.workers.model_cache import CACHE_ENV, cache_root
-from tokenhive.workers.model_source import cache_name, resolve_model
+from tokenhive.workers.models.cache import CACHE_ENV, cache_root
+from tokenhive.workers.models.gguf_file import GGUFHeader, inspect_gguf
+from tokenhive.workers.models.source import cache_name, resolve_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,7 +231,7 @@ def test_unreachable_url_fails_clearly(cache: Path, tiny_bytes: bytes) -> None:
 RESOLVE_SCRIPT = """
 import json, sys
 from tokenhive.schemas.config import GGUFSpec
-from tokenhive.workers.model_source import resolve_model
+from tokenhive.workers.models.source import resolve_model
 spec = GGUFSpec(model="tiny", url=sys.argv[1], cache_dir=sys.argv[2], sha256=sys.argv[3])
 print(json.dumps(str(resolve_model(spec, progress=False))))
 """
@@ -279,7 +279,7 @@ HUB_SCRIPT = """
 import sys
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
-from tokenhive.workers.model_source import resolve_model
+from tokenhive.workers.models.source import resolve_model
 spec = GGUFSpec(model="m", hf_repo=sys.argv[1], hf_file=sys.argv[2], cache_dir=sys.argv[3])
 try:
     print("OK", resolve_model(spec, progress=False))

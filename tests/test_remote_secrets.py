@@ -14,14 +14,20 @@ import msgspec
 import pytest
 
 from tests.support.fake_http import FakeHTTPServer, Reply, sse, sse_reply
+from tokenhive.logs import JsonFormatter
 from tokenhive.schemas.config import AnthropicSpec, AzureSpec, OpenAISpec
 from tokenhive.schemas.errors import ModelLoadFailed, TokenHiveError
 from tokenhive.schemas.frames import encode
-from tokenhive.schemas.logs import JsonFormatter
 from tokenhive.schemas.messages import Error, Heartbeat, Message, Ready, Request
 from tokenhive.workers.backend import Backend
 from tokenhive.workers.backends import make_backend
-from tokenhive.workers.secrets import REDACTED, Secret, install_log_guard, load_api_key, scrub
+from tokenhive.workers.backends.http.secrets import (
+    REDACTED,
+    Secret,
+    install_log_guard,
+    load_api_key,
+    scrub,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -92,7 +98,7 @@ def test_hpack_debug_logs_do_not_carry_header_values(captured: Capture) -> None:
     # there, so an `x-api-key` / `api-key` header would be printed verbatim.
     import hpack
 
-    from tokenhive.workers import secrets
+    from tokenhive.workers.backends.http import secrets
 
     value = Secret(f"hpack-{uuid.uuid4().hex}", "test").reveal()
     hpack_logger = logging.getLogger("hpack.hpack")

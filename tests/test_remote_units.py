@@ -23,10 +23,10 @@ from tokenhive.schemas.errors import (
     TokenHiveError,
 )
 from tokenhive.schemas.messages import Kind, Message, Request, Sampling
-from tokenhive.workers.backends import http_errors
 from tokenhive.workers.backends.anthropic import messages_body, split_system
-from tokenhive.workers.backends.openai_wire import request_body
-from tokenhive.workers.backends.sse import MalformedStream, SSEEvent, SSEParser, iter_lines
+from tokenhive.workers.backends.http import errors as http_errors
+from tokenhive.workers.backends.http.openai_wire import request_body
+from tokenhive.workers.backends.http.sse import MalformedStream, SSEEvent, SSEParser, iter_lines
 
 pytestmark = pytest.mark.timeout(30)
 

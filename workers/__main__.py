@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .command import add_arguments, run
+from tokenhive.workers.command import add_arguments, run
 
 
 def main() -> int:

@@ -17,8 +17,7 @@ import asyncio
 
 from tokenhive.schemas.frames import ROUTE_CHUNK, VERSION_FRAME, encode
 from tokenhive.schemas.messages import Chunk
-
-from .link import BrokerLink
+from tokenhive.workers.link import BrokerLink
 
 
 class ChunkStream:

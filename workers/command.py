@@ -30,17 +30,15 @@ from typing import Any
 
 import msgspec
 
+from tokenhive.cli_options import parse_option, parse_spec_json
+from tokenhive.logs import configure_logging
 from tokenhive.schemas.config import (
     AnyWorkerSpec,
     ConfigError,
     WorkerConfig,
-    parse_option,
-    parse_spec_json,
 )
-from tokenhive.schemas.logs import configure_logging
-
-from .backends import REGISTRY
-from .runtime import ExitCode, WorkerRuntime
+from tokenhive.workers.backends import REGISTRY
+from tokenhive.workers.runtime import ExitCode, WorkerRuntime
 
 log = logging.getLogger("tokenhive.worker")
 

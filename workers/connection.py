@@ -44,8 +44,7 @@ from tokenhive.schemas.messages import (
     Reregister,
     WorkerMsg,
 )
-
-from .link import BrokerLink
+from tokenhive.workers.link import BrokerLink
 
 log = logging.getLogger("tokenhive.worker")
 

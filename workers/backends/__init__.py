@@ -5,8 +5,7 @@ from __future__ import annotations
 import importlib
 
 from tokenhive.schemas.config import AnyWorkerSpec
-
-from ..backend import Backend
+from tokenhive.workers.backend import Backend
 
 # spec tag -> "module:Class" under tokenhive.workers.backends
 REGISTRY: dict[str, str] = {

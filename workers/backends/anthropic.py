@@ -26,19 +26,24 @@ import msgspec
 from tokenhive.schemas.config import AnthropicSpec
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import Kind, Message, Request, Usage
-
-from ..backend import Delta, Done
-from ..secrets import Secret
-from . import http_errors
-from .estimate import (
+from tokenhive.workers.backend import Delta, Done
+from tokenhive.workers.backends.estimate import (
     CHARS_PER_TOKEN,
     estimate_prompt,
     estimate_tokens,
     estimated_usage,
     finish_reason,
 )
-from .http_base import HTTPBackend
-from .sse import MalformedStream, SSEEvent, drain, iter_sse_batches, texts_by_batch
+from tokenhive.workers.backends.http import errors as http_errors
+from tokenhive.workers.backends.http.base import HTTPBackend
+from tokenhive.workers.backends.http.secrets import Secret
+from tokenhive.workers.backends.http.sse import (
+    MalformedStream,
+    SSEEvent,
+    drain,
+    iter_sse_batches,
+    texts_by_batch,
+)
 
 MESSAGES_PATH = "/v1/messages"
 

@@ -13,8 +13,7 @@ from urllib.parse import quote
 
 from tokenhive.schemas.config import AzureSpec
 from tokenhive.schemas.messages import Kind
-
-from .openai import OpenAIBackend, Routes
+from tokenhive.workers.backends.openai import OpenAIBackend, Routes
 
 
 def azure_routes(spec: AzureSpec) -> Routes:

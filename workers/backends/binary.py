@@ -37,10 +37,9 @@ from pathlib import Path
 from tokenhive.schemas.config import BinarySpec
 from tokenhive.schemas.errors import BackendError, BackendTimeout, InvalidRequest, ModelLoadFailed
 from tokenhive.schemas.messages import Kind, Request
-
-from ..backend import Backend, BackendInfo, Delta, Done
-from .binary_text import OutputFilter, flatten_chat
-from .estimate import estimate_tokens, estimated_usage
+from tokenhive.workers.backend import Backend, BackendInfo, Delta, Done
+from tokenhive.workers.backends.binary_text import OutputFilter, flatten_chat
+from tokenhive.workers.backends.estimate import estimate_tokens, estimated_usage
 
 log = logging.getLogger("tokenhive.workers.binary")
 

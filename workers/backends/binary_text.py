@@ -15,8 +15,7 @@ than it must:
 from __future__ import annotations
 
 from tokenhive.schemas.messages import Message
-
-from ..stops import held_suffix_len
+from tokenhive.workers.stops import held_suffix_len
 
 
 def flatten_chat(messages: list[Message]) -> str:

@@ -27,8 +27,7 @@ from collections.abc import AsyncIterator
 from tokenhive.schemas.config import EchoSpec
 from tokenhive.schemas.errors import ContextTooLong, ModelLoadFailed, RateLimited, error_class
 from tokenhive.schemas.messages import Health, Kind, Request, Usage
-
-from ..backend import Backend, BackendInfo, Delta, Done, Embeddings, HealthReport
+from tokenhive.workers.backend import Backend, BackendInfo, Delta, Done, Embeddings, HealthReport
 
 #: A token is a run of whitespace followed by a run of non-whitespace; trailing whitespace
 #: is a token of its own. ``"".join(split_tokens(s)) == s`` for every ``s``.

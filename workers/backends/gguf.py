@@ -28,16 +28,15 @@ from tokenhive.schemas.errors import (
     TokenHiveError,
 )
 from tokenhive.schemas.messages import Health, Kind, Request, Usage
-
-from ..backend import Backend, BackendInfo, Delta, Done, Embeddings, HealthReport
-from ..chat_format import ChatFormatter, make_chat_formatter
-from ..gguf_embed import GGUFEmbedder
-from ..gguf_engine import GGUFEngine
-from ..gguf_file import read_gguf_metadata
-from ..gguf_native import NativeParams
-from ..gguf_sampling import check_sampling
-from ..gguf_slots import Job
-from ..model_source import resolve_model
+from tokenhive.workers.backend import Backend, BackendInfo, Delta, Done, Embeddings, HealthReport
+from tokenhive.workers.gguf.chat_format import ChatFormatter, make_chat_formatter
+from tokenhive.workers.gguf.embed import GGUFEmbedder
+from tokenhive.workers.gguf.engine import GGUFEngine
+from tokenhive.workers.gguf.native import NativeParams
+from tokenhive.workers.gguf.sampling import check_sampling
+from tokenhive.workers.gguf.slots import Job
+from tokenhive.workers.models.gguf_file import read_gguf_metadata
+from tokenhive.workers.models.source import resolve_model
 
 
 def _device(n_gpu_layers: int) -> str:

@@ -28,13 +28,16 @@ import msgspec
 from tokenhive.schemas.config import AzureSpec, OpenAISpec
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import Kind, Request, Usage
-
-from ..backend import Delta, Done, Embeddings
-from ..secrets import Secret
-from . import http_errors
-from .estimate import estimate_prompt, estimate_tokens, estimated_usage, finish_reason
-from .http_base import MAX_JSON_BODY, HTTPBackend, read_bounded
-from .openai_wire import (
+from tokenhive.workers.backend import Delta, Done, Embeddings
+from tokenhive.workers.backends.estimate import (
+    estimate_prompt,
+    estimate_tokens,
+    estimated_usage,
+    finish_reason,
+)
+from tokenhive.workers.backends.http import errors as http_errors
+from tokenhive.workers.backends.http.base import MAX_JSON_BODY, HTTPBackend, read_bounded
+from tokenhive.workers.backends.http.openai_wire import (
     Completion,
     EmbeddingList,
     WireUsage,
@@ -42,7 +45,14 @@ from .openai_wire import (
     embeddings_body,
     request_body,
 )
-from .sse import MalformedStream, SSEEvent, drain, iter_sse_batches, texts_by_batch
+from tokenhive.workers.backends.http.secrets import Secret
+from tokenhive.workers.backends.http.sse import (
+    MalformedStream,
+    SSEEvent,
+    drain,
+    iter_sse_batches,
+    texts_by_batch,
+)
 
 log = logging.getLogger("tokenhive.workers.openai")
 

@@ -25,15 +25,27 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_log_level,
+    report,
+    run_async,
+)
+from tokenhive.clients.cli.openai_batch import (
+    BatchItem,
+    custom_id_of,
+    error_line,
+    parse_item,
+    success_line,
+)
+from tokenhive.clients.cli.target import Target, add_target_arguments, open_target, resolve_model
+from tokenhive.clients.pool.options import ConfigError
+from tokenhive.clients.retry import RetryPolicy
 from tokenhive.schemas.errors import InternalError, InvalidRequest, TokenHiveError
 from tokenhive.schemas.messages import Kind
-
-from .async_client import AsyncClient
-from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_log_level, report, run_async
-from .openai_batch import BatchItem, custom_id_of, error_line, parse_item, success_line
-from .pool_options import ConfigError
-from .retry import RetryPolicy
-from .target import Target, add_target_arguments, open_target, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

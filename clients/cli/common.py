@@ -13,10 +13,9 @@ from typing import Any
 
 import msgspec
 
+from tokenhive.clients.loop_thread import new_event_loop
+from tokenhive.logs import configure_logging
 from tokenhive.schemas.errors import TokenHiveError
-from tokenhive.schemas.logs import configure_logging
-
-from .loop_thread import new_event_loop
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 BROKER_ENV = "TOKENHIVE_BROKER"

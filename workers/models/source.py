@@ -21,11 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
-
-from .default_model import DEFAULT_MODEL_NAME, default_model_path
-from .download import download
-from .gguf_file import inspect_gguf
-from .model_cache import (
+from tokenhive.workers.models.cache import (
     cache_root,
     file_lock,
     is_verified,
@@ -34,6 +30,9 @@ from .model_cache import (
     remove_quietly,
     sha256_file,
 )
+from tokenhive.workers.models.default import DEFAULT_MODEL_NAME, default_model_path
+from tokenhive.workers.models.download import download
+from tokenhive.workers.models.gguf_file import inspect_gguf
 
 HUB_INSTALL_HINT = "pip install 'huggingface-hub>=0.24' (the tokenhive[hub] extra)"
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import msgspec
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.pool.pool import PoolProcesses
 from tokenhive.schemas.config import PoolConfig
-
-from .async_client import AsyncClient
-from .pool import PoolProcesses
 
 
 class LocalPool(msgspec.Struct):

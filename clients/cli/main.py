@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 
 #: subcommand -> (module, one-line help). Modules export add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("tokenhive.clients.cmd_up", "run a broker and its workers (a whole pool)"),
+    "up": ("tokenhive.clients.cli.up", "run a broker and its workers (a whole pool)"),
     "broker": ("tokenhive.broker.command", "run a broker"),
     "worker": ("tokenhive.workers.command", "run one worker"),
-    "chat": ("tokenhive.clients.cmd_chat", "send a chat request; stream the answer"),
-    "generate": ("tokenhive.clients.cmd_chat", "send a raw completion; stream the answer"),
-    "status": ("tokenhive.clients.cmd_status", "show workers, queues and counters"),
-    "batch": ("tokenhive.clients.cmd_batch", "run an OpenAI Batch API JSONL file"),
+    "chat": ("tokenhive.clients.cli.chat", "send a chat request; stream the answer"),
+    "generate": ("tokenhive.clients.cli.chat", "send a raw completion; stream the answer"),
+    "status": ("tokenhive.clients.cli.status", "show workers, queues and counters"),
+    "batch": ("tokenhive.clients.cli.batch", "run an OpenAI Batch API JSONL file"),
 }
 
 
@@ -46,7 +46,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             sub.description = module.__doc__ or help_text  # `tokenhive batch --help`: the rules
             add: Callable[..., None] = module.add_arguments
-            if module_name.endswith("cmd_chat"):
+            if name in ("chat", "generate"):
                 add(sub, chat=name == "chat")
             else:
                 add(sub)

@@ -9,11 +9,10 @@ from contextlib import asynccontextmanager
 
 import msgspec
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.pool.local import local_pool
+from tokenhive.clients.pool.options import ConfigError, add_pool_arguments, pool_config_from_args
 from tokenhive.schemas.errors import InvalidRequest, UnknownModel
-
-from .async_client import AsyncClient
-from .local_pool import local_pool
-from .pool_options import ConfigError, add_pool_arguments, pool_config_from_args
 
 
 class Target(msgspec.Struct):

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokenhive.schemas.messages import Sampling
-
-from .gguf_detok import Detokenizer
-from .gguf_sampling import SamplerChain
-from .stops import StopMatcher
+from tokenhive.workers.gguf.detok import Detokenizer
+from tokenhive.workers.gguf.sampling import SamplerChain
+from tokenhive.workers.stops import StopMatcher
 
 
 @dataclass

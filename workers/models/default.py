@@ -19,8 +19,7 @@ from types import ModuleType
 
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
-
-from .model_cache import (
+from tokenhive.workers.models.cache import (
     cache_root,
     file_lock,
     is_verified,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .gguf_slots import Job
+from tokenhive.workers.gguf.slots import Job
 
 Delivery = tuple[asyncio.Queue[object], object]
 

@@ -16,13 +16,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    LOG_LEVELS,
+    report,
+    run_async,
+)
+from tokenhive.clients.pool.options import (
+    ConfigError,
+    add_pool_arguments,
+    pool_config_from_args,
+    with_broker,
+)
+from tokenhive.clients.pool.pool import PoolProcesses
+from tokenhive.clients.pool.supervisor import State
 from tokenhive.schemas.errors import TokenHiveError
-
-from .async_client import AsyncClient
-from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LOG_LEVELS, report, run_async
-from .pool import PoolProcesses
-from .pool_options import ConfigError, add_pool_arguments, pool_config_from_args, with_broker
-from .supervisor import State
 
 log = logging.getLogger("tokenhive.up")
 

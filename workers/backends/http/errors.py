@@ -38,8 +38,7 @@ from tokenhive.schemas.errors import (
     RateLimited,
     TokenHiveError,
 )
-
-from ..secrets import scrub
+from tokenhive.workers.backends.http.secrets import scrub
 
 BODY_LIMIT = 2048  # bytes of an error body read and quoted
 MAX_RETRY_AFTER = 3600.0  # a bogus header must not park a worker for days

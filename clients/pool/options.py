@@ -2,7 +2,7 @@
 ``--broker``), and the PoolConfig they mean.
 
 A pool comes from ``--config pool.toml`` or from flags, not both. With neither, it is one
-worker of the default model (Gemma 3 270M, ``tokenhive.workers.default_model``).
+worker of the default model (Gemma 3 270M, ``tokenhive.workers.models.default``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from typing import Any
 
 import msgspec
 
+from tokenhive.cli_options import parse_option, parse_spec_json
 from tokenhive.schemas.config import (
     AnyWorkerSpec,
     ConfigError,
     PoolConfig,
     load_pool_config,
-    parse_option,
-    parse_spec_json,
 )
 
 
@@ -124,7 +123,7 @@ def with_broker(config: PoolConfig, clients: str | None, workers: str | None) ->
 
 def default_spec_dict() -> dict[str, Any]:
     try:
-        from tokenhive.workers.default_model import default_spec
+        from tokenhive.workers.models.default import default_spec
     except ImportError as exc:
         raise ConfigError(
             f"no model configured and the default model is unavailable ({exc}); "

@@ -27,11 +27,10 @@ from typing import Any
 
 import msgspec
 
+from tokenhive.clients.request_builder import ROLES, new_request_id
+from tokenhive.clients.result import Result
 from tokenhive.schemas.errors import InvalidRequest, TokenHiveError
 from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling
-
-from .request_builder import ROLES, new_request_id
-from .result import Result
 
 URL_KIND = {
     "/v1/chat/completions": Kind.CHAT,

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import msgspec
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.pool.supervisor import ProcessSpec, Replica, State, Supervisor
 from tokenhive.schemas.config import AnyWorkerSpec, BrokerConfig, PoolConfig
 from tokenhive.schemas.errors import BrokerUnavailable, ModelLoadFailed, TokenHiveError
-
-from .async_client import AsyncClient
-from .supervisor import ProcessSpec, Replica, State, Supervisor
 
 READY_HEALTH = ("ok", "degraded")
 

@@ -21,8 +21,7 @@ import httpx
 from tqdm import tqdm
 
 from tokenhive.schemas.errors import ModelLoadFailed
-
-from .model_cache import part_path, remove_quietly, sha256_file
+from tokenhive.workers.models.cache import part_path, remove_quietly, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenhive.schemas.config import DEFAULT_CLIENTS
-from tokenhive.schemas.errors import TokenHiveError
-from tokenhive.schemas.messages import StatusReply
-
-from .async_client import AsyncClient
-from .cli_common import (
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.cli.common import (
     BROKER_ENV,
     EXIT_OK,
     add_broker,
@@ -19,6 +15,9 @@ from .cli_common import (
     report,
     run_async,
 )
+from tokenhive.schemas.config import DEFAULT_CLIENTS
+from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.schemas.messages import StatusReply
 
 COLUMNS = ("worker", "model", "backend", "health", "slots", "free", "in-flight", "served",
            "failed", "latency ms", "seen s", "device")

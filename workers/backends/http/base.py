@@ -35,11 +35,10 @@ from tokenhive.schemas.errors import (
     TokenHiveError,
 )
 from tokenhive.schemas.messages import Health, Kind
-
-from ..backend import Backend, BackendInfo, HealthReport
-from ..secrets import Secret, install_log_guard, load_api_key
-from . import http_errors
-from .http11 import LeanHTTPTransport
+from tokenhive.workers.backend import Backend, BackendInfo, HealthReport
+from tokenhive.workers.backends.http import errors as http_errors
+from tokenhive.workers.backends.http.secrets import Secret, install_log_guard, load_api_key
+from tokenhive.workers.backends.http.transport import LeanHTTPTransport
 
 log = logging.getLogger("tokenhive.workers.http")
 

@@ -3,8 +3,8 @@
 Choice, in order:
 
 1. ``chat_format`` named explicitly (spec.chat_format): one of the built-in formatters in
-   ``tokenhive.workers.named_chat_formats`` (llama-2, llama-3, chatml, gemma, plain). An explicit
-   name overrides the file's template.
+   ``tokenhive.workers.gguf.named_chat_formats`` (llama-2, llama-3, chatml, gemma, plain). An
+   explicit name overrides the file's template.
 2. The model's own template (``tokenizer.chat_template`` in the GGUF metadata), rendered
    exactly as Hugging Face ``apply_chat_template`` and llama.cpp do: a sandboxed jinja2
    environment with ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``,
@@ -39,9 +39,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenhive.schemas.errors import InvalidRequest, ModelLoadFailed
 from tokenhive.schemas.messages import Message
-
-from .gguf_file import BOS_TEXT_KEY, EOS_TEXT_KEY
-from .named_chat_formats import NAMED_FORMATS, check_messages, metadata_flag
+from tokenhive.workers.gguf.named_chat_formats import NAMED_FORMATS, check_messages, metadata_flag
+from tokenhive.workers.models.gguf_file import BOS_TEXT_KEY, EOS_TEXT_KEY
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 

@@ -36,14 +36,13 @@ from typing import Any, TypeVar
 
 from tokenhive.schemas.errors import BackendError, ContextTooLong, InvalidRequest, TokenHiveError
 from tokenhive.schemas.messages import Usage
-
-from .backend import Delta, Done
-from .gguf_detok import Detokenizer, PieceCache
-from .gguf_native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
-from .gguf_outbox import Outbox
-from .gguf_sampling import PENALTY_LAST_N, SamplerChain
-from .gguf_slots import Admitted, Job, Run, Slot, pick_slot, plan_step
-from .stops import StopMatcher
+from tokenhive.workers.backend import Delta, Done
+from tokenhive.workers.gguf.detok import Detokenizer, PieceCache
+from tokenhive.workers.gguf.native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
+from tokenhive.workers.gguf.outbox import Outbox
+from tokenhive.workers.gguf.sampling import PENALTY_LAST_N, SamplerChain
+from tokenhive.workers.gguf.slots import Admitted, Job, Run, Slot, pick_slot, plan_step
+from tokenhive.workers.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_log_level,
+    print_json,
+    report,
+    run_async,
+)
+from tokenhive.clients.cli.target import add_target_arguments, open_target, resolve_model
+from tokenhive.clients.pool.options import ConfigError
+from tokenhive.clients.request_builder import RequestOptions
+from tokenhive.clients.result import Result
 from tokenhive.schemas.errors import TokenHiveError
-
-from .async_client import AsyncClient
-from .cli_common import EXIT_OK, EXIT_USAGE, add_log_level, print_json, report, run_async
-from .pool_options import ConfigError
-from .request_builder import RequestOptions
-from .result import Result
-from .target import add_target_arguments, open_target, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, chat: bool) -> None:
