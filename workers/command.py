@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds to let in-flight work finish")
     parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="any other spec field of the backend (repeatable)")
-    parser.add_argument("--spec-json", help="a whole worker spec as JSON, tagged by \"backend\"")
+    parser.add_argument("--spec-json",
+                        help="a whole worker spec as JSON, tagged by \"backend\"; `-` reads it "
+                        "from stdin (how `tokenhive up` passes it: argv is world-readable)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
 
@@ -72,7 +74,8 @@ def spec_fields(backend: str) -> list[str]:
 
 
 def build_spec(args: argparse.Namespace) -> dict[str, Any]:
-    spec: dict[str, Any] = parse_spec_json(args.spec_json) if args.spec_json else {}
+    text = sys.stdin.read() if args.spec_json == "-" else args.spec_json
+    spec: dict[str, Any] = parse_spec_json(text) if text else {}
     if args.backend:
         spec["backend"] = args.backend
     backend = spec.get("backend")

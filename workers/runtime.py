@@ -41,6 +41,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 from tokenhive.schemas.config import WorkerConfig
 from tokenhive.schemas.errors import ErrorCode
@@ -155,6 +156,9 @@ class WorkerRuntime:
             "context_length": self.info.context_length, "device": self.info.device,
         })
         self.conn.announce()  # if not registered yet, registration will announce it
+        ready_file = os.environ.get("TOKENHIVE_READY_FILE")
+        if ready_file:  # tells a supervisor this run got past loading and the self-test
+            Path(ready_file).touch()  # noqa: ASYNC240 (a tmpfs inode, once per process)
         return True
 
     async def _start_backend(self) -> None:

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import msgspec
+
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.cli.common import (
     EXIT_FAILED,
@@ -33,6 +35,7 @@ from tokenhive.clients.pool.options import (
 )
 from tokenhive.clients.pool.pool import PoolProcesses
 from tokenhive.clients.pool.supervisor import State
+from tokenhive.schemas.config import DEFAULT_WORKERS
 from tokenhive.schemas.errors import TokenHiveError
 
 log = logging.getLogger("tokenhive.up")
@@ -60,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     level = args.log_level or config.log_level
     with tempfile.TemporaryDirectory(prefix="tokenhive-up-") as run_dir:
+        if config.broker.workers == DEFAULT_WORKERS:
+            # Our own workers only: a socket in this run's private 0700 directory, so two
+            # `tokenhive up` never share (or steal) one.
+            broker = msgspec.structs.replace(config.broker, workers=f"ipc://{run_dir}/workers.sock")
+            config = msgspec.structs.replace(config, broker=broker)
         processes = PoolProcesses(config, run_dir=Path(run_dir), log_level=level)
         return run_async(_serve(processes, args), level)
 

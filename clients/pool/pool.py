@@ -32,20 +32,27 @@ class Endpoints(msgspec.Struct):
     workers: str
 
 
-def broker_argv(config: BrokerConfig, ready_file: Path, log_level: str) -> list[str]:
-    """The broker command line: one flag per BrokerConfig field (``queue_size`` ->
-    ``--queue-size``), as ``tokenhive.broker.command`` defines them."""
-    argv = [sys.executable, "-m", "tokenhive.broker"]
-    for field in msgspec.structs.fields(BrokerConfig):
-        argv += ["--" + field.name.replace("_", "-"), str(getattr(config, field.name))]
-    return [*argv, "--ready-file", str(ready_file), "--log-level", log_level]
+def broker_argv(ready_file: Path, log_level: str) -> list[str]:
+    """The broker command line; its config (``broker_stdin``) goes to stdin as JSON."""
+    return [sys.executable, "-m", "tokenhive.broker", "--config-json", "-",
+            "--ready-file", str(ready_file), "--log-level", log_level]
 
 
-def worker_argv(spec: AnyWorkerSpec, broker: str, log_level: str) -> list[str]:
+def broker_stdin(config: BrokerConfig) -> bytes:
+    return msgspec.json.encode(config)
+
+
+def worker_argv(broker: str, log_level: str) -> list[str]:
+    """The worker command line; the spec itself goes to stdin (``worker_stdin``), because
+    argv is readable by every user in /proc/*/cmdline and a spec may carry headers and env."""
     return [
         sys.executable, "-m", "tokenhive.workers", "--broker", broker,
-        "--spec-json", msgspec.json.encode(spec).decode(), "--log-level", log_level,
+        "--spec-json", "-", "--log-level", log_level,
     ]
+
+
+def worker_stdin(spec: AnyWorkerSpec) -> bytes:
+    return msgspec.json.encode(spec)
 
 
 def replica_specs(spec: AnyWorkerSpec) -> list[tuple[AnyWorkerSpec, dict[str, str]]]:
@@ -68,6 +75,7 @@ class PoolProcesses:
     ) -> None:
         self.config = config
         self.log_level = log_level
+        self.run_dir = run_dir
         self.ready_file = run_dir / "broker.ready.json"
         self.supervisor = Supervisor(
             backoff_base=backoff_base, backoff_max=config.restart_backoff_max
@@ -80,14 +88,18 @@ class PoolProcesses:
         """Start the broker, wait until it is bound, then start every worker replica."""
         self.ready_file.unlink(missing_ok=True)
         self.broker = self.supervisor.start(ProcessSpec(
-            name="broker", argv=broker_argv(self.config.broker, self.ready_file, self.log_level)
+            name="broker", argv=broker_argv(self.ready_file, self.log_level),
+            stdin=broker_stdin(self.config.broker),
         ))
         self.endpoints = await self._wait_ready_file(ready_timeout)
         for spec_index, spec in enumerate(self.config.workers):
             for i, (replica_spec, env) in enumerate(replica_specs(spec)):
                 name = f"worker[{spec_index}.{i}]:{spec.model}"
-                argv = worker_argv(replica_spec, self.endpoints.workers, self.log_level)
-                replica = self.supervisor.start(ProcessSpec(name=name, argv=argv, env=env))
+                replica = self.supervisor.start(ProcessSpec(
+                    name=name, argv=worker_argv(self.endpoints.workers, self.log_level),
+                    env=env, stdin=worker_stdin(replica_spec),
+                    ready_file=str(self.run_dir / f"worker-{spec_index}.{i}.ready"),
+                ))
                 self.workers.append((spec, replica))
         return self.endpoints
 

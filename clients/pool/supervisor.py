@@ -12,6 +12,7 @@ order: workers drain first, then the broker) and get SIGTERM if we die without c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import enum
 import logging
@@ -33,10 +34,43 @@ NO_RESTART: dict[int, str] = {
 }
 
 
+#: signals that mean the program itself broke (not a stop request), and what they mean
+CRASH_SIGNALS: dict[int, str] = {
+    signal.SIGILL: "illegal instruction",
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGBUS: "bus error",
+    signal.SIGFPE: "floating-point exception",
+    signal.SIGABRT: "aborted",
+}
+SIGILL_HINT = (
+    "llama.cpp was built for CPU features this machine cannot run: see README, Troubleshooting"
+)
+
+
+def describe_exit(rc: int | None) -> str:
+    """An exit status in words: ``exit code 3``, ``SIGILL (illegal instruction)``."""
+    if rc is None:
+        return "still running"
+    if rc >= 0:
+        return f"exit code {rc}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+    meaning = CRASH_SIGNALS.get(-rc)
+    return f"{name} ({meaning})" if meaning else name
+
+
 class ProcessSpec(msgspec.Struct, kw_only=True):
     name: str
     argv: list[str]
     env: dict[str, str] = msgspec.field(default_factory=dict)  # added to os.environ
+    # Written to the child's stdin, then closed: how a worker gets its spec, which may hold
+    # headers and env values that must not be readable in /proc/*/cmdline.
+    stdin: bytes | None = None
+    # A path the child creates once it is ready (TOKENHIVE_READY_FILE); a child that keeps
+    # crashing without ever creating it is given up after ``crash_limit`` runs in a row.
+    ready_file: str | None = None
 
 
 class State(enum.StrEnum):
@@ -54,6 +88,7 @@ class Replica:
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.last_exit: int | None = None
+        self.crashes_before_ready = 0  # crashes in a row of runs that never became ready
         self.reason = ""  # why we gave up
         self.task: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()  # cuts a restart backoff short when stopping
@@ -74,8 +109,10 @@ class Supervisor:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         stable_after: float = 10.0,
+        crash_limit: int = 3,
         on_change: Callable[[Replica], None] | None = None,
     ) -> None:
+        self.crash_limit = crash_limit
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.stable_after = stable_after
@@ -124,24 +161,65 @@ class Supervisor:
                           extra={"child": replica.name, "exit": rc, "reason": replica.reason})
                 self._set(replica, State.GAVE_UP)
                 return
+            if self._crashed_too_often(replica, rc):
+                log.error("child keeps crashing before it is ready; not restarting it",
+                          extra={"child": replica.name, "exit": rc, "reason": replica.reason})
+                self._set(replica, State.GAVE_UP)
+                return
             failures = 1 if time.monotonic() - started >= self.stable_after else failures + 1
             delay = min(self.backoff_max, self.backoff_base * 2 ** (failures - 1))
-            log.warning("child exited; restarting",
-                        extra={"child": replica.name, "exit": rc, "in_s": round(delay, 2)})
+            extra: dict[str, object] = {"child": replica.name, "exit": rc,
+                                        "status": describe_exit(rc), "in_s": round(delay, 2)}
+            if -rc in CRASH_SIGNALS:
+                extra["crashes_in_a_row"] = replica.crashes_before_ready
+                log.error("%s crashed: %s%s; restarting", replica.name, describe_exit(rc),
+                          f"; {SIGILL_HINT}" if rc == -signal.SIGILL else "", extra=extra)
+            else:
+                log.warning("child exited; restarting", extra=extra)
             self._set(replica, State.BACKOFF)
             await self._sleep_unless_stopping(replica, delay)
         self._set(replica, State.STOPPED)
 
+    def _crashed_too_often(self, replica: Replica, rc: int) -> bool:
+        """Count crashes (a signal like SIGILL, not a stop) of runs that never got ready."""
+        ready_file = replica.spec.ready_file
+        if ready_file is None:
+            return False
+        if os.path.exists(ready_file) or -rc not in CRASH_SIGNALS:
+            replica.crashes_before_ready = 0
+            return False
+        replica.crashes_before_ready += 1
+        if replica.crashes_before_ready < self.crash_limit:
+            return False
+        hint = f"; {SIGILL_HINT}" if rc == -signal.SIGILL else ""
+        replica.reason = (
+            f"worker crashed: {describe_exit(rc)} before it was ready, "
+            f"{replica.crashes_before_ready} times in a row{hint}"
+        )
+        return True
+
     async def _run_once(self, replica: Replica) -> int:
         env = {**os.environ, **replica.spec.env}
+        spec = replica.spec
+        if spec.ready_file is not None:
+            env["TOKENHIVE_READY_FILE"] = spec.ready_file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spec.ready_file)
         replica.starts += 1
         try:
             replica.process = await asyncio.create_subprocess_exec(
-                *replica.spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                *spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                stdin=asyncio.subprocess.PIPE if spec.stdin is not None else None,
             )
         except OSError as exc:
             log.error("could not start child", extra={"child": replica.name, "error": str(exc)})
             return 1
+        if spec.stdin is not None and replica.process.stdin is not None:
+            # A child that dies before reading it is reported by its exit status, not here.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                replica.process.stdin.write(spec.stdin)
+                await replica.process.stdin.drain()
+            replica.process.stdin.close()
         log.info("child started", extra={"child": replica.name, "pid": replica.process.pid})
         if replica in self._stopping:  # stop() came while we were starting it
             _signal(replica, signal.SIGTERM)

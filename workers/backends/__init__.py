@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from tokenhive.schemas.config import AnyWorkerSpec
+from tokenhive.schemas.errors import ModelLoadFailed
 from tokenhive.workers.backend import Backend
 
 # spec tag -> "module:Class" under tokenhive.workers.backends
@@ -24,10 +25,23 @@ def backend_kind(spec: AnyWorkerSpec) -> str:
     return tag
 
 
+#: a backend's optional third-party module -> the extra that installs it
+EXTRAS: dict[str, str] = {"llama_cpp": "gguf"}
+
+
 def make_backend(spec: AnyWorkerSpec) -> Backend:
     """Build (not start) the backend a spec names."""
     module_name, class_name = REGISTRY[backend_kind(spec)].split(":")
-    module = importlib.import_module(f"{__name__}.{module_name}")
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        raise ModelLoadFailed(
+            f"the {backend_kind(spec)} backend needs {exc.name}, which is not installed: "
+            f"install tokenhive[{extra}] (`make install` builds it for this CPU)"
+        ) from None
     cls = getattr(module, class_name)
     backend: Backend = cls(spec)
     return backend

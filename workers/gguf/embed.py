@@ -25,6 +25,7 @@ import llama_cpp
 
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ContextTooLong, InternalError, InvalidRequest, ModelLoadFailed
+from tokenhive.workers.gguf.cpu_check import check_cpu
 
 POOLING: dict[str, int] = {
     "mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
@@ -46,6 +47,7 @@ class GGUFEmbedder:
 
     def load(self, path: Path, spec: GGUFSpec) -> None:
         """Load ``path`` for embeddings; raise ModelLoadFailed with the reason."""
+        check_cpu()
         pooling = spec.pooling or "mean"
         if pooling not in POOLING:
             raise ModelLoadFailed(

@@ -124,7 +124,13 @@ class GGUFEngine:
 
     def _main(self) -> None:
         try:
-            self.native = LlamaNative(self.params)
+            native = LlamaNative(self.params)
+            try:
+                native.self_test()
+            except BaseException:
+                native.close()
+                raise
+            self.native = native
             self._pieces = PieceCache(self.native.piece)
         except BaseException as e:  # reported to start()'s caller
             self._load_error = e

@@ -26,6 +26,7 @@ import numpy as np
 from llama_cpp import _logger as llama_logger
 
 from tokenhive.schemas.errors import ModelLoadFailed
+from tokenhive.workers.gguf.cpu_check import HINT, check_cpu
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class LlamaNative:
 
     def __init__(self, p: NativeParams) -> None:
         global _backend_ready
+        check_cpu()
         if not _backend_ready:
             llama_cpp.llama_backend_init()
             _backend_ready = True
@@ -137,6 +139,20 @@ class LlamaNative:
         self.batch = StepBatch(p.n_batch)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._eog: dict[int, bool] = {}
+
+    def self_test(self) -> None:
+        """Decode one token, so a llama.cpp that cannot run on this CPU fails now, at startup,
+        rather than on a user's first request. A build for missing CPU features dies here with
+        SIGILL; the log line before says what was being done, and the supervisor names the
+        signal."""
+        log.info("self-test: decoding one token (a crash here means llama.cpp cannot run on "
+                 f"this CPU; {HINT})")
+        token = self.bos if self.bos >= 0 else 0
+        self.batch.fill([token], [0], [0], [1])
+        rc = self.decode()
+        self.seq_rm(0, -1, -1)
+        if rc != 0:
+            raise ModelLoadFailed(f"llama.cpp failed its one-token self-test (llama_decode {rc})")
 
     # --- vocabulary -------------------------------------------------------------------------
 
