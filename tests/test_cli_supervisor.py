@@ -114,3 +114,69 @@ def test_env_reaches_the_child() -> None:
         return replica.last_exit
 
     assert asyncio.run(main()) == 3
+
+
+SIGILL_SELF = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"
+
+
+@pytest.mark.timeout(60)
+def test_a_child_crashing_before_ready_is_named_and_given_up_after_k_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real SIGILL (the process signals itself, as a llama.cpp built for other CPU features
+    would at its first decode): the log says so in words, and after ``crash_limit`` runs that
+    never got ready the replica is given up with that reason instead of restarting forever."""
+
+    async def main() -> Replica:
+        sup = Supervisor(backoff_base=0.01, crash_limit=3)
+        replica = sup.start(ProcessSpec(name="worker[0.0]:m", argv=python(SIGILL_SELF),
+                                        ready_file=str(tmp_path / "ready")))
+        await wait_until(sup, lambda: replica.state is State.GAVE_UP)
+        await sup.stop()
+        return replica
+
+    replica = asyncio.run(main())
+    assert replica.starts == 3 and replica.last_exit == -4
+    assert replica.reason.startswith(
+        "worker crashed: SIGILL (illegal instruction) before it was ready, 3 times in a row; "
+        "llama.cpp was built for CPU features")
+    assert "see README, Troubleshooting" in replica.reason
+    crashes = [r.getMessage() for r in caplog.records if "crashed: SIGILL" in r.getMessage()]
+    assert crashes and "illegal instruction" in crashes[0]
+
+
+@pytest.mark.timeout(60)
+def test_crashes_after_getting_ready_keep_restarting(tmp_path: Path) -> None:
+    """A child that got ready before it crashed served: it is restarted, not given up."""
+    ready = tmp_path / "ready"
+    code = f"import pathlib; pathlib.Path({str(ready)!r}).touch(); {SIGILL_SELF}"
+
+    async def main() -> Replica:
+        sup = Supervisor(backoff_base=0.01, backoff_max=0.05, crash_limit=2)
+        replica = sup.start(ProcessSpec(name="w", argv=python(code), ready_file=str(ready)))
+        await wait_until(sup, lambda: replica.starts >= 4)
+        state = replica.state
+        await sup.stop()
+        assert state is not State.GAVE_UP
+        return replica
+
+    replica = asyncio.run(main())
+    assert replica.crashes_before_ready == 0
+
+
+@pytest.mark.timeout(30)
+def test_spec_goes_to_stdin_not_argv() -> None:
+    """Worker specs can carry headers and env values: argv is world-readable, stdin is not."""
+    secret = b'{"backend": "echo", "headers": {"X-Key": "s3cret"}}'
+    code = ("import sys, pathlib; data = sys.stdin.buffer.read(); "
+            "cmd = pathlib.Path('/proc/self/cmdline').read_bytes(); "
+            "raise SystemExit(0 if data.startswith(b'{') and data not in cmd else 9)")
+
+    async def main() -> Replica:
+        sup = Supervisor(backoff_base=5.0)
+        replica = sup.start(ProcessSpec(name="w", argv=python(code), stdin=secret))
+        await wait_until(sup, lambda: replica.last_exit is not None)
+        await sup.stop()
+        return replica
+
+    assert asyncio.run(main()).last_exit == 0
