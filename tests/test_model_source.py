@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.range_file_server import RangeFileServer
+from tokenhive.logs import JsonFormatter, redact_url, redact_urls
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
-from tokenhive.workers.models.cache import CACHE_ENV, cache_root
+from tokenhive.workers.models.cache import (
+    CACHE_ENV,
+    DEFAULT_LOCK_TIMEOUT,
+    LOCK_TIMEOUT_ENV,
+    CacheLocked,
+    cache_root,
+    file_lock,
+    lock_timeout,
+)
 from tokenhive.workers.models.gguf_file import GGUFHeader, inspect_gguf
 from tokenhive.workers.models.source import cache_name, resolve_model
 
@@ -228,6 +240,80 @@ def test_unreachable_url_fails_clearly(cache: Path, tiny_bytes: bytes) -> None:
         resolve_model(url_spec(url, cache), progress=False, attempts=2)
 
 
+def test_redact_url_keeps_scheme_host_port_and_path_only() -> None:
+    assert redact_url("https://u:p@h.example:8443/a/b.gguf?X-Amz-Signature=x&sig=y#frag") == \
+        "https://h.example:8443/a/b.gguf"
+    assert redact_url("http://[::1]:9/m.gguf?token=t") == "http://[::1]:9/m.gguf"
+    assert redact_url("HTTPS://H.example/m.gguf") == "https://h.example/m.gguf"
+    assert redact_url("http://h:notaport/x?token=t") == "<unparsable url>"
+    assert redact_urls("got https://a.example/x?sig=1, and 'http://u:pw@b/y?t=2'.") == \
+        "got https://a.example/x, and 'http://b/y'."
+
+
+SIGNED_QUERY = "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeefcafe&sig=s1gn&token=t0ken"
+SIGNED_PARTS = ("AKIAEXAMPLE", "deadbeefcafe", "s1gn", "t0ken", "X-Amz", "pa55word", "?")
+
+
+class _Lines(logging.Handler):
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def download_logs() -> Iterator[list[_Lines]]:
+    """Every record of the download and HTTP loggers, as JSON lines and as plain text."""
+    handlers = [_Lines(JsonFormatter()), _Lines(logging.Formatter("%(name)s %(message)s"))]
+    loggers = [logging.getLogger(n) for n in ("tokenhive.workers.models", "httpx", "httpcore")]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+        for h in handlers:
+            lg.addHandler(h)
+    try:
+        yield handlers
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            for h in handlers:
+                lg.removeHandler(h)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+def test_signed_url_never_reaches_logs_or_errors(
+    cache: Path, tiny_bytes: bytes, download_logs: list[_Lines]
+) -> None:
+    half = len(tiny_bytes) // 2
+    with RangeFileServer(tiny_bytes, cut_first_after=half) as srv:
+        plain = srv.url  # http://127.0.0.1:PORT/model.gguf
+        signed = plain.replace("://", "://user:pa55word@") + SIGNED_QUERY
+        spec = url_spec(signed, cache)
+        with pytest.raises(ModelLoadFailed, match="kept") as cut:
+            resolve_model(spec, progress=False, attempts=1)  # a cut: a warning and an error
+        assert resolve_model(spec, progress=False, attempts=1).read_bytes() == tiny_bytes
+        assert srv.range_headers == [None, f"bytes={half}-"]  # the full URL was used
+    with RangeFileServer(tiny_bytes, status=404) as srv:
+        with pytest.raises(ModelLoadFailed, match="HTTP 404") as not_found:
+            resolve_model(url_spec(srv.url + SIGNED_QUERY, cache), progress=False)
+    with pytest.raises(ModelLoadFailed, match="http") as bad_scheme:
+        resolve_model(url_spec("ftp://user:pa55word@h/m.gguf" + SIGNED_QUERY, cache))
+    errors = [cut.value.message, not_found.value.message, bad_scheme.value.message]
+    assert f"download of {plain} failed after 1 attempts" in errors[0]
+    assert f"download of {srv.url} failed: HTTP 404" in errors[1]
+    assert "'ftp://h/m.gguf'" in errors[2]
+    lines = [line for h in download_logs for line in h.lines]
+    assert any(f"download {plain} attempt 1/1: connection lost" in line for line in lines)
+    assert any(line.startswith("httpx HTTP Request: GET") for line in lines), lines
+    for part in SIGNED_PARTS:
+        for text in (*errors, *lines):
+            assert part not in text, (part, text)
+
+
 RESOLVE_SCRIPT = """
 import json, sys
 from tokenhive.schemas.config import GGUFSpec
@@ -255,6 +341,113 @@ def test_concurrent_workers_download_once(cache: Path, tiny_bytes: bytes) -> Non
     paths = {json.loads(out) for out, _ in results}
     assert len(paths) == 1
     assert Path(paths.pop()).read_bytes() == tiny_bytes
+
+
+# -- the cache lock ------------------------------------------------------------------------
+
+HOLD_SCRIPT = """
+import sys
+from pathlib import Path
+from tokenhive.workers.models.cache import file_lock, part_path
+dest = Path(sys.argv[1])
+with file_lock(dest):
+    print("locked", flush=True)
+    for line in sys.stdin:  # "grow": the download makes progress; EOF: release
+        with part_path(dest).open("ab") as part:
+            part.write(b"x")
+        print("grown", flush=True)
+"""
+
+
+@pytest.fixture
+def holder(cache: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """Another process holding the cache lock of ``cache/model.gguf`` until its stdin ends."""
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / "model.gguf"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(dest)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        yield proc, dest
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_a_lock_held_without_progress_fails_clearly(
+    holder: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc, dest = holder
+    lock = dest.with_name("model.gguf.lock")
+    started = time.monotonic()
+    with pytest.raises(CacheLocked) as info, file_lock(dest, timeout=0.5):
+        pass
+    assert 0.5 <= time.monotonic() - started < 10
+    error = info.value
+    assert isinstance(error, ModelLoadFailed) and not error.retryable
+    assert (error.dest, error.lock, error.timeout) == (dest, lock, 0.5)
+    assert str(dest) in error.message and str(lock) in error.message
+    assert LOCK_TIMEOUT_ENV in error.message and "stop it" in error.message
+    if sys.platform == "linux":
+        assert f"pid {proc.pid} (" in error.message and "file_lock" in error.message
+    # Through resolve_model, with the timeout from the environment: no download is tried.
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "0.3")
+    with RangeFileServer(b"unused") as srv:
+        url = srv.url
+        spec = url_spec(url, dest.parent)
+        busy = dest.parent / cache_name(url)
+        other = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(busy)], text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert other.stdin is not None and other.stdout is not None
+        try:
+            assert other.stdout.readline() == "locked\n"
+            with pytest.raises(CacheLocked, match=f"{busy.name} is locked"):
+                resolve_model(spec, progress=False)
+        finally:
+            other.stdin.close()
+            other.wait(timeout=30)
+        assert srv.range_headers == []
+
+
+def test_a_lock_is_waited_for_while_the_holder_makes_progress(
+    holder: tuple[subprocess.Popen[str], Path]
+) -> None:
+    proc, dest = holder
+    assert proc.stdin is not None and proc.stdout is not None
+    outcome: list[object] = []
+
+    def wait_for_lock() -> None:
+        try:
+            with file_lock(dest, timeout=1.0):
+                outcome.append("acquired")
+        except Exception as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_lock)
+    waiter.start()
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:  # three timeouts long, with steady progress
+        proc.stdin.write("grow\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "grown\n"
+    assert not outcome, outcome  # still waiting, not timed out
+    proc.stdin.close()  # the holder finishes and releases
+    waiter.join(timeout=20)
+    assert outcome == ["acquired"]
+
+
+def test_lock_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(LOCK_TIMEOUT_ENV, raising=False)
+    assert lock_timeout() == DEFAULT_LOCK_TIMEOUT
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "2.5")
+    assert lock_timeout() == 2.5
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "inf")
+    assert lock_timeout() == float("inf")
+    for bad in ("soon", "0", "-1", "nan"):
+        monkeypatch.setenv(LOCK_TIMEOUT_ENV, bad)
+        with pytest.raises(ModelLoadFailed, match=LOCK_TIMEOUT_ENV):
+            lock_timeout()
 
 
 # -- Hugging Face --------------------------------------------------------------------------

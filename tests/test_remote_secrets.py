@@ -5,6 +5,7 @@ tests/support/fake_http.py, plays such an upstream)."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import uuid
 from collections.abc import Iterator
@@ -189,3 +190,117 @@ async def test_no_key_in_logs_errors_status_or_wire(
     assert len(worker_msgs) == 5
     assert any("upstream" in line for line in captured.lines)
     _assert_clean(value, *texts, *worker_msgs, *captured.lines)
+
+
+# -- the JSON formatter scrubs whole records ---------------------------------------------------
+
+
+class _Lines(logging.Handler):
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def json_log() -> Iterator[tuple[logging.Logger, _Lines]]:
+    """A fresh logger writing JSON lines through JsonFormatter only."""
+    logger = logging.getLogger(f"tokenhive.test.json.{uuid.uuid4().hex}")
+    handler = _Lines(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+
+
+class _Opaque:
+    """An object msgspec cannot encode: the formatter writes its repr."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"_Opaque(value={self.value!r})"
+
+
+class _Detail(msgspec.Struct):
+    note: str
+    count: int
+
+
+def test_json_formatter_scrubs_message_and_every_extra_field(
+        json_log: tuple[logging.Logger, _Lines]) -> None:
+    logger, out = json_log
+    value = Secret(f"sk-extra-{uuid.uuid4().hex}", "test").reveal()
+    logger.info("calling with %s", value, extra={
+        "plain": f"key={value}",
+        "nested": {"a": [value, {"b": f"x{value}y", "n": 3}], value: "as a key"},
+        "raw": f"header {value}".encode(),
+        "struct": _Detail(note=f"echo {value}", count=2),
+        "opaque": _Opaque(value),
+        "untouched": {"n": 1, "f": 0.5, "none": None, "ok": "fine"},
+    })
+    [line] = out.lines
+    _assert_clean(value, line)
+    record = msgspec.json.decode(line)
+    assert record["msg"] == f"calling with {REDACTED}"
+    assert record["plain"] == f"key={REDACTED}"
+    assert record["nested"] == {"a": [REDACTED, {"b": f"x{REDACTED}y", "n": 3}],
+                                REDACTED: "as a key"}
+    assert base64.b64decode(record["raw"]) == f"header {REDACTED}".encode()  # bytes stay bytes
+    assert record["struct"] == {"note": f"echo {REDACTED}", "count": 2}
+    assert record["opaque"] == f"_Opaque(value={REDACTED!r})"
+    assert record["untouched"] == {"n": 1, "f": 0.5, "none": None, "ok": "fine"}
+
+
+def test_json_formatter_scrubs_tracebacks_and_stacks(
+        json_log: tuple[logging.Logger, _Lines]) -> None:
+    logger, out = json_log
+    value = Secret(f"sk-exc-{uuid.uuid4().hex}", "test").reveal()
+    try:
+        try:
+            raise ValueError(f"inner {value}")
+        except ValueError as inner:
+            raise RuntimeError(f"upstream said: invalid key {value}") from inner
+    except RuntimeError:
+        logger.exception("request failed")
+    logger.warning("where %s", value, stack_info=True)
+    assert len(out.lines) == 2
+    _assert_clean(value, *out.lines)
+    failed, where = (msgspec.json.decode(line) for line in out.lines)
+    assert f"ValueError: inner {REDACTED}" in failed["exc"]
+    assert f"RuntimeError: upstream said: invalid key {REDACTED}" in failed["exc"]
+    assert "Traceback" in failed["exc"] and "test_remote_secrets.py" in where["stack"]
+
+
+def test_log_guard_scrubs_tracebacks_and_cuts_urls_for_any_formatter() -> None:
+    """The HTTP stack's records reach whatever handler the application set up: the guard
+    cleans the record itself, so even a classic text formatter prints no key or signature."""
+    install_log_guard()
+    value = Secret(f"sk-guard-{uuid.uuid4().hex}", "test").reveal()
+    logger = logging.getLogger("httpx")
+    handler = _Lines(logging.Formatter("%(name)s %(message)s"))
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    signed = "https://cdn.example/m.gguf?X-Amz-Signature=abc123sig&token=t0k"
+    try:
+        logger.info('HTTP Request: GET %s "HTTP/1.1 200 OK"', signed)
+        try:
+            raise ConnectionError(f"refused for {value} at {signed}")
+        except ConnectionError:
+            logger.exception("lost")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+    _assert_clean(value, *handler.lines)
+    for secret in ("abc123sig", "t0k", "X-Amz-Signature"):
+        _assert_clean(secret, *handler.lines)
+    assert 'GET https://cdn.example/m.gguf "HTTP/1.1 200 OK"' in handler.lines[0]
+    assert f"refused for {REDACTED} at https://cdn.example/m.gguf" in handler.lines[1]

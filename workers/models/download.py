@@ -7,6 +7,12 @@ last attempt fails the part stays only if it can be resumed, so a later resolve 
 where this one stopped; a part that cannot be resumed is removed. A checksum mismatch
 removes the part. Only a complete, checked file is renamed to ``dest``.
 
+Logs and errors name the URL as ``scheme://host/path`` only (``tokenhive.logs.redact_url``):
+a signed URL carries its credential in the query (``X-Amz-Signature=``, ``sig=``, ``token=``)
+or as ``user:password@``, and log lines and error messages travel far (stderr collectors,
+clients). The full URL goes only to the HTTP request itself; httpx's own request log line is
+cut the same way by the HTTP stack's log guard, which ``download`` installs.
+
 Callers hold ``model_cache.file_lock(dest)``.
 """
 
@@ -20,7 +26,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from tokenhive.logs import redact_url, redact_urls
 from tokenhive.schemas.errors import ModelLoadFailed
+from tokenhive.workers.backends.http.secrets import install_log_guard
 from tokenhive.workers.models.cache import part_path, remove_quietly, sha256_file
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,8 @@ def _attempt(client: httpx.Client, url: str, part: Path, progress: bool) -> None
             remove_quietly(part)
             raise _Cut(f"server refused range {have}- (416); restarting", resumable=True)
         if response.status_code not in (200, 206):
-            raise ModelLoadFailed(f"download of {url} failed: HTTP {response.status_code}")
+            raise ModelLoadFailed(
+                f"download of {redact_url(url)} failed: HTTP {response.status_code}")
         resumable = response.headers.get("accept-ranges", "").lower() == "bytes"
         if response.status_code == 206:
             if _content_range_start(response) != have:  # not the bytes we asked for
@@ -82,7 +91,8 @@ def _attempt(client: httpx.Client, url: str, part: Path, progress: bool) -> None
                     bar.update(len(block))
                     have += len(block)
         except _TRANSIENT as e:
-            raise _Cut(f"connection lost after {have} bytes: {e!r}", resumable) from e
+            raise _Cut(f"connection lost after {have} bytes: {redact_urls(repr(e))}",
+                       resumable) from e
         finally:
             bar.close()
         if total is not None and have != total:
@@ -99,6 +109,8 @@ def download(
     Raises ModelLoadFailed when every attempt failed or the checksum does not match.
     """
     part = part_path(dest)
+    shown = redact_url(url)  # what logs and errors may say about the URL
+    install_log_guard()
     last = ""
     with httpx.Client(follow_redirects=True, timeout=timeout) as client:
         for attempt in range(1, attempts + 1):
@@ -107,31 +119,31 @@ def download(
                 break
             except _Cut as e:
                 last = str(e)
-                log.warning("download %s attempt %d/%d: %s", url, attempt, attempts, e)
+                log.warning("download %s attempt %d/%d: %s", shown, attempt, attempts, e)
                 if not e.resumable:
                     remove_quietly(part)
             except _TRANSIENT as e:  # could not connect or no response at all
-                last = f"{e!r}"
-                log.warning("download %s attempt %d/%d: %s", url, attempt, attempts, last)
+                last = redact_urls(repr(e))
+                log.warning("download %s attempt %d/%d: %s", shown, attempt, attempts, last)
             except ModelLoadFailed:
                 remove_quietly(part)
                 raise
             except httpx.HTTPError as e:  # not the link: redirect loops, bad headers
-                raise ModelLoadFailed(f"download of {url} failed: {e!r}") from e
+                raise ModelLoadFailed(f"download of {shown} failed: {redact_urls(repr(e))}") from e
             except OSError as e:  # our side: disk full, permissions. The part stays resumable.
-                raise ModelLoadFailed(f"cannot write {part} while downloading {url}: {e}") from e
+                raise ModelLoadFailed(f"cannot write {part} while downloading {shown}: {e}") from e
         else:
             have = part.stat().st_size if part.exists() else 0
             kept = f"; kept {have} bytes in {part} to resume" if have else ""
             raise ModelLoadFailed(
-                f"download of {url} failed after {attempts} attempts: {last}{kept}"
+                f"download of {shown} failed after {attempts} attempts: {last}{kept}"
             )
     if sha256 is not None:
         got = sha256_file(part, hashlib.sha256())
         if got != sha256.lower():
             remove_quietly(part)
             raise ModelLoadFailed(
-                f"sha256 mismatch for {url}: expected {sha256.lower()}, got {got}; "
+                f"sha256 mismatch for {shown}: expected {sha256.lower()}, got {got}; "
                 "the downloaded file was removed"
             )
     return part

@@ -6,7 +6,8 @@ wrong is a ``ModelLoadFailed`` saying what to fix.
 
 Downloads land in one cache folder (``model_cache.cache_root``) and are reused: a second
 resolve of the same URL makes no HTTP request. Workers resolving the same URL at once
-serialize on a file lock, so one downloads and the others reuse its file.
+serialize on a file lock, so one downloads and the others reuse its file. Errors name a URL
+as ``scheme://host/path`` only: a signed URL's query is a credential.
 
 A gguf spec named ``gemma3-270m`` with no source at all is the embedded default model
 (``default_model.default_model_path``), so a pool file can list it without a path.
@@ -19,6 +20,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from tokenhive.logs import redact_url, redact_urls
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ModelLoadFailed
 from tokenhive.workers.models.cache import (
@@ -77,7 +79,7 @@ def cache_name(url: str) -> str:
 def _from_url(url: str, sha256: str | None, root: Path, progress: bool, attempts: int) -> Path:
     scheme = urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise ModelLoadFailed(f"model url must be http(s), got {url!r}")
+        raise ModelLoadFailed(f"model url must be http(s), got {redact_url(url)!r}")
     dest = root / cache_name(url)
     with file_lock(dest):
         if is_verified(dest, sha256):
@@ -89,7 +91,8 @@ def _from_url(url: str, sha256: str | None, root: Path, progress: bool, attempts
             inspect_gguf(part)
         except ModelLoadFailed as e:
             remove_quietly(part)
-            raise ModelLoadFailed(f"downloaded {url} is not a usable GGUF: {e}") from e
+            raise ModelLoadFailed(
+                f"downloaded {redact_url(url)} is not a usable GGUF: {e}") from e
         publish(part, dest)
         if sha256 is not None:
             mark_verified(dest, sha256)
@@ -118,10 +121,12 @@ def _from_hub(spec: GGUFSpec, progress: bool) -> Path:
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise ModelLoadFailed(
             f"{where} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"(offline: HF_HUB_OFFLINE set, or no network): {e}"
+            f"(offline: HF_HUB_OFFLINE set, or no network): {redact_urls(str(e))}"
         ) from e
     except Exception as e:  # the hub library's own error tree: not found, auth, HTTP
-        raise ModelLoadFailed(f"cannot fetch {where} from Hugging Face: {e}") from e
+        # The hub's messages may quote the signed CDN URL a file redirects to.
+        raise ModelLoadFailed(
+            f"cannot fetch {where} from Hugging Face: {redact_urls(str(e))}") from e
     path = Path(str(found))
     inspect_gguf(path)
     if spec.sha256 is not None and not is_verified(path, spec.sha256):

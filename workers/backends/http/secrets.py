@@ -5,31 +5,33 @@ Config never holds a key value, only where to find it (``api_key_env`` / ``api_k
 never the value; only ``reveal()`` gives the value, and only the code building an auth
 header calls it.
 
-Two more guards, because a key can leak through paths we do not write ourselves:
+More guards, because a key can leak through paths we do not write ourselves:
 
+- every loaded value is registered with ``tokenhive.logs``, whose ``JsonFormatter`` (the
+  formatter of every tokenhive process) replaces it with ``***`` anywhere in a record: the
+  message, extra fields at any depth, tracebacks.
 - ``scrub(text)`` replaces every loaded key value in a string with ``***``; error messages
   built from upstream bodies go through it (a 401 body may echo the key back).
-- ``install_log_guard()`` puts a filter on the loggers of the HTTP stack. hpack logs every
-  header it encodes at DEBUG ("Adding b'x-api-key'=b'sk-…'"), and only ``authorization`` is
-  marked sensitive there, so ``x-api-key`` / ``api-key`` would reach a DEBUG log verbatim.
-  The filter drops hpack's DEBUG records (byte-level noise, and the huffman-coded header
-  block they print is a reversible encoding of the key) and scrubs every other record.
+- ``install_log_guard()`` puts a filter on the loggers of the HTTP stack, for whatever
+  handler and formatter those records reach. hpack logs every header it encodes at DEBUG
+  ("Adding b'x-api-key'=b'sk-…'"), and only ``authorization`` is marked sensitive there, so
+  ``x-api-key`` / ``api-key`` would reach a DEBUG log verbatim. The filter drops hpack's
+  DEBUG records (byte-level noise, and the huffman-coded header block they print is a
+  reversible encoding of the key), scrubs the message and traceback of every other record,
+  and cuts every URL in them to ``scheme://host/path`` (httpx logs each request's URL at
+  INFO, and a signed download URL carries its signature in the query).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
+from tokenhive.logs import REDACTED, redact_urls, register_secret, scrub
 from tokenhive.schemas.errors import ModelLoadFailed
 
-REDACTED = "***"
-
-# Every key value loaded in this process, so scrub() and the log filter know what to hide.
-_LIVE: set[str] = set()
-_LIVE_LOCK = threading.Lock()
+__all__ = ["REDACTED", "Secret", "install_log_guard", "load_api_key", "scrub"]
 
 # Loggers of the HTTP stack that may see request headers.
 _HTTP_LOGGERS = ("hpack.hpack", "hpack.table", "httpx", "httpcore.connection", "httpcore.http11",
@@ -44,8 +46,7 @@ class Secret:
     def __init__(self, value: str, source: str) -> None:
         self._value = value
         self.source = source  # e.g. "env:OPENAI_API_KEY" or "file:/run/keys/openai"
-        with _LIVE_LOCK:
-            _LIVE.add(value)
+        register_secret(value)  # scrub() and every log record hide it from now on
 
     def reveal(self) -> str:
         """The value, for building an auth header. Never log or format the result."""
@@ -94,31 +95,21 @@ def load_api_key(env: str | None, file: str | None, *, required: bool) -> Secret
     return None
 
 
-def scrub(text: str) -> str:
-    """``text`` with every loaded key value replaced by ``***``."""
-    if not _LIVE:
-        return text
-    with _LIVE_LOCK:
-        values = sorted(_LIVE, key=len, reverse=True)
-    for value in values:
-        if value in text:
-            text = text.replace(value, REDACTED)
-    return text
-
-
 class _RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("hpack") and record.levelno <= logging.DEBUG:
             return False
-        if not _LIVE:
-            return True
         message = record.getMessage()
-        clean = scrub(message)
+        clean = redact_urls(scrub(message))
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text when it is set: format the traceback once, cleaned.
+            record.exc_text = redact_urls(scrub(_TEXT.formatException(record.exc_info)))
         return True
 
 
+_TEXT = logging.Formatter()
 _GUARD = _RedactingFilter()
 
 
