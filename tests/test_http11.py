@@ -1,9 +1,11 @@
-"""The lean HTTP/1.1 transport (workers/backends/http11.py) on its own, through httpx.
+"""The lean HTTP/1.1 transport (workers/backends/http/transport.py + connection.py) on its
+own, through httpx.
 
 The peer is a FAKE server: a raw asyncio TCP server in this file that writes scripted
-bytes, because the framing edge cases tested here (a chunked body split at every byte,
-chunk extensions and trailers, 1xx responses, a body without a length, a cut mid-chunk, a
-silent server, a keep-alive connection closed before the answer) are exactly what a real
+bytes and misbehaves on purpose, because the framing edge cases tested here (a chunked body
+split at every byte, chunk extensions and trailers, 1xx responses, a body without a length,
+a cut mid-chunk, a silent server, malformed lengths and chunk sizes, an oversize head, a
+keep-alive connection closed before the answer, fresh or reused) are exactly what a real
 server does not produce on demand. The adapters' normal paths run through this transport
 against real servers in test_remote_llama_server.py / test_remote_llamacpp.py.
 """
@@ -17,6 +19,7 @@ import httpx
 import pytest
 
 from tests.support.real_servers import free_port
+from tokenhive.workers.backends.http.connection import MAX_HEAD
 from tokenhive.workers.backends.http.transport import LeanHTTPTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -244,3 +247,156 @@ async def test_garbage_instead_of_http() -> None:
             client(server.url) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get("/")
+
+
+# -- strict parsing: each malformed response is a RemoteProtocolError --------------------------
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("length", ["-1", "+5", "1_0", "0x5", "5 5"])
+async def test_content_length_must_be_plain_digits(length: str) -> None:
+    async with ScriptedServer(head(content_length=length) + b"hello") as server, \
+            client(server.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="Content-Length"):
+            await http.get("/")
+
+
+@pytest.mark.timeout(10)
+async def test_duplicate_content_length_is_rejected() -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab"
+    async with ScriptedServer(reply) as server, client(server.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="Content-Length"):
+            await http.get("/")
+
+
+@pytest.mark.timeout(10)
+async def test_chunk_size_must_be_plain_hex() -> None:
+    reply = head(transfer_encoding="chunked") + b"0x1f\r\n" + b"a" * 31 + b"\r\n0\r\n\r\n"
+    async with ScriptedServer(reply) as server, client(server.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="chunk size"):
+            await http.get("/")
+
+
+@pytest.mark.timeout(10)
+async def test_head_over_the_limit_with_its_end_marker() -> None:
+    big = head(x_big="a" * (MAX_HEAD + 10), content_length="2") + b"ok"  # one write, complete
+    async with ScriptedServer(big) as server, client(server.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="head larger"):
+            await http.get("/")
+
+
+@pytest.mark.timeout(10)
+async def test_head_over_the_limit_without_its_end_marker() -> None:
+    hold = asyncio.Event()
+
+    async def endless_head(reader: asyncio.StreamReader, writer: Writer) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * (MAX_HEAD + 10))
+        await writer.drain()
+        await hold.wait()  # never ends the head: the size alone must fail it
+
+    # A read timeout far beyond the test's: failing by the limit, not by silence.
+    async with ScriptedServer(endless_head) as server, client(server.url, timeout=60) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="head larger"):
+            await http.get("/")
+        hold.set()
+
+
+@pytest.mark.timeout(10)
+async def test_bytes_after_the_response_make_the_connection_unusable() -> None:
+    async with ScriptedServer(sized(b"a") + b"junk", sized(b"b")) as server, \
+            client(server.url) as http:
+        assert (await http.get("/")).content == b"a"
+        assert (await http.get("/")).content == b"b"
+    assert server.connections == 2
+
+
+@pytest.mark.timeout(10)
+async def test_head_request_has_no_body() -> None:
+    async with ScriptedServer(head(content_length="5"), sized(b"next")) as server, \
+            client(server.url) as http:
+        reply = await http.head("/")
+        assert reply.status_code == 200 and reply.content == b""
+        assert (await http.get("/")).content == b"next"
+
+
+# -- nothing unsafe goes out -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\rb", "a\x00b"])
+async def test_header_value_with_cr_lf_or_nul_is_never_sent(value: str) -> None:
+    async with ScriptedServer(sized(b"ok")) as server, client(server.url) as http:
+        with pytest.raises(httpx.LocalProtocolError, match="x-key") as info:
+            await http.get("/", headers={"x-key": "secret-" + value})
+        assert "secret" not in str(info.value)  # the value may be a credential
+        assert (await http.get("/")).content == b"ok"  # the transport still works
+    assert server.requests == 1 and server.bodies == [b""]
+
+
+@pytest.mark.timeout(10)
+async def test_header_name_that_is_not_a_token_is_never_sent() -> None:
+    async with ScriptedServer(sized(b"ok")) as server, client(server.url) as http:
+        with pytest.raises(httpx.LocalProtocolError, match="header name"):
+            await http.get("/", headers={"x bad:": "v"})
+    assert server.connections == 0
+
+
+# -- what is re-sent: only a request on a reused connection closed before any answer -----------
+
+
+async def drop(reader: asyncio.StreamReader, writer: Writer) -> None:
+    writer.close()  # read the request, answer nothing: a server timing out a keep-alive
+
+
+@pytest.mark.timeout(10)
+async def test_reused_connection_closed_before_any_answer_is_resent_on_a_fresh_one() -> None:
+    async with ScriptedServer(sized(b"one"), drop, sized(b"two")) as server, \
+            client(server.url) as http:
+        assert (await http.post("/", content=b"a")).content == b"one"
+        assert (await http.post("/", content=b"b")).content == b"two"
+    assert server.connections == 2 and server.bodies == [b"a", b"b", b"b"]
+
+
+@pytest.mark.timeout(10)
+async def test_fresh_connection_closed_before_any_answer_is_not_resent() -> None:
+    async with ScriptedServer(drop, sized(b"unused")) as server, client(server.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await http.post("/", content=b"bill me once")
+    assert server.bodies == [b"bill me once"] and server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_resent_request_failing_again_is_final() -> None:
+    async with ScriptedServer(sized(b"one"), drop) as server, client(server.url) as http:
+        assert (await http.post("/", content=b"a")).content == b"one"
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await http.post("/", content=b"b")
+    assert server.bodies == [b"a", b"b", b"b"]  # once on the reused, once on a fresh one
+
+
+@pytest.mark.timeout(10)
+async def test_reused_connection_cut_after_a_response_byte_is_not_resent() -> None:
+    async def cut_head(reader: asyncio.StreamReader, writer: Writer) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")  # the server has started answering
+        await writer.drain()
+        writer.close()
+
+    async with ScriptedServer(sized(b"one"), cut_head, sized(b"unused")) as server, \
+            client(server.url) as http:
+        assert (await http.post("/", content=b"a")).content == b"one"
+        with pytest.raises(httpx.RemoteProtocolError, match="mid-head"):
+            await http.post("/", content=b"b")
+    assert server.bodies == [b"a", b"b"]
+
+
+@pytest.mark.timeout(10)
+async def test_reused_connection_silent_is_a_timeout_not_resent() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: Writer) -> None:
+        await reader.read()  # maybe generating: waits for the client to hang up
+
+    async with ScriptedServer(sized(b"one"), silent, sized(b"unused")) as server, \
+            client(server.url, timeout=0.3) as http:
+        assert (await http.post("/", content=b"a")).content == b"one"
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/", content=b"b")
+    assert server.bodies == [b"a", b"b"]
