@@ -48,7 +48,6 @@ DEFAULT_RATE_LIMIT_S = 1.0  # degrade this long after a 429 that names no Retry-
 UNREACHABLE_BACKOFF_S = (0.5, 30.0)  # first and longest degrade after connect failures
 MAX_JSON_BODY = 256 * 1024 * 1024  # a non-stream body (embeddings) larger than this is refused
 # What a reused connection the server already closed looks like: safe to send once more.
-_STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 _SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
@@ -188,22 +187,15 @@ class HTTPBackend(Backend, abc.ABC):
             await response.aclose()
 
     async def _send(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-        """Send, retrying once when a pooled keep-alive connection turns out to have been
-        closed by the server as we used it ("disconnected without sending a response"):
-        nothing was answered, so nothing was done twice. Every other failure is final."""
-        for attempt in (1, 2):
-            try:
-                return await client.send(request, stream=True)
-            except _STALE_CONNECTION as exc:
-                if attempt == 2:
-                    raise self.failed(
-                        http_errors.from_transport(exc, response_started=False)) from exc
-                log.debug("retrying on a fresh connection", extra={
-                    "backend": self.backend_name, "error": type(exc).__name__})
-            except httpx.HTTPError as exc:
-                raise self.failed(
-                    http_errors.from_transport(exc, response_started=False)) from exc
-        raise AssertionError("unreachable")
+        """Send once. A POST that may have reached the upstream is never re-sent here: on a
+        paid API that bills twice. The only safe resend (a *reused* keep-alive connection that
+        closed before any response byte) is made by the transport that knows which connection
+        it used: ours for http:// (``transport.py``); for https://, httpcore drops a pooled
+        connection it finds closed before reusing it."""
+        try:
+            return await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self.failed(http_errors.from_transport(exc, response_started=False)) from exc
 
     async def post_json(
         self, path: str, payload: dict[str, Any], params: dict[str, str] | None = None
