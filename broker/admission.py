@@ -2,6 +2,10 @@
 
 A refused request changes nothing in the broker except a counter; the client gets exactly
 one Error for it. Checks run cheapest and most specific first.
+
+Value ranges (sampling, priority) were already checked by the decode (msgspec constraints on
+the message types); this module checks what depends on config and broker state: the size
+caps of ``BrokerConfig.limits``, known models, deadlines and queue room.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from tokenhive.broker.registry import WorkerRegistry
+from tokenhive.schemas.config import Limits
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import Error, Request
 
@@ -29,6 +34,43 @@ def deadline_of(request: Request, now: float, wall_now: float) -> float | None:
     return deadline
 
 
+DEFAULT_LIMITS = Limits()
+
+
+def size_problem(request: Request, limits: Limits) -> str | None:
+    """The first size cap ``request`` exceeds, naming the field and the limit; None if none.
+    Counts are checked before lengths, so the work here is bounded by the caps."""
+    stop = request.sampling.stop
+    if len(stop) > limits.max_stop:
+        return (f"sampling.stop has {len(stop)} sequences, more than "
+                f"limits.max_stop={limits.max_stop}")
+    for i, seq in enumerate(stop):
+        if len(seq) > limits.max_stop_chars:
+            return (f"sampling.stop[{i}] is {len(seq)} characters, more than "
+                    f"limits.max_stop_chars={limits.max_stop_chars}")
+    messages = request.messages
+    if len(messages) > limits.max_messages:
+        return (f"messages has {len(messages)} items, more than "
+                f"limits.max_messages={limits.max_messages}")
+    if messages:
+        chars = sum(len(m.content) for m in messages)
+        if chars > limits.max_prompt_chars:
+            return (f"messages hold {chars} characters of content, more than "
+                    f"limits.max_prompt_chars={limits.max_prompt_chars}")
+    if request.prompt is not None and len(request.prompt) > limits.max_prompt_chars:
+        return (f"prompt is {len(request.prompt)} characters, more than "
+                f"limits.max_prompt_chars={limits.max_prompt_chars}")
+    inputs = request.input
+    if len(inputs) > limits.max_inputs:
+        return f"input has {len(inputs)} items, more than limits.max_inputs={limits.max_inputs}"
+    if inputs:
+        chars = sum(len(x) for x in inputs)
+        if chars > limits.max_input_chars:
+            return (f"input holds {chars} characters in all, more than "
+                    f"limits.max_input_chars={limits.max_input_chars}")
+    return None
+
+
 def refusal(
     request: Request,
     *,
@@ -38,6 +80,7 @@ def refusal(
     deadline: float | None,
     now: float,
     retry_after: float,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Refusal | None:
     rid = request.id
 
@@ -52,6 +95,8 @@ def refusal(
         return invalid("request model must not be empty")
     if request.timeout is not None and not request.timeout > 0:
         return invalid(f"timeout must be > 0 seconds, got {request.timeout}")
+    if (too_big := size_problem(request, limits)) is not None:
+        return invalid(too_big)
     if deadline is not None and deadline <= now:
         return Refusal(
             "rejected_deadline",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from tokenhive.broker.balancer import BALANCERS
 from tokenhive.schemas.config import BrokerConfig
+
+MIN_MESSAGE_BYTES = 4096  # below this even a small request or a status reply would not fit
 
 
 def config_problems(cfg: BrokerConfig) -> list[str]:
@@ -27,6 +31,11 @@ def config_problems(cfg: BrokerConfig) -> list[str]:
     need(cfg.no_worker_timeout > 0, f"no_worker_timeout must be > 0, got {cfg.no_worker_timeout}")
     need(cfg.balancer in BALANCERS,
          f"balancer must be one of {', '.join(sorted(BALANCERS))}, got {cfg.balancer!r}")
+    for limit in msgspec.structs.fields(cfg.limits):
+        value = getattr(cfg.limits, limit.name)
+        least = MIN_MESSAGE_BYTES if limit.name == "max_message_bytes" else 1
+        need(type(value) is int and value >= least,
+             f"limits.{limit.name} must be an integer >= {least}, got {value!r}")
     for field in ("clients", "workers"):
         address = getattr(cfg, field)
         need(address.partition("://")[0] in ("tcp", "ipc", "inproc"),

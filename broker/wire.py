@@ -56,6 +56,17 @@ def guess_request_id(body: bytes) -> str:
     return ""
 
 
+def decode_problem(exc: msgspec.DecodeError, body: bytes) -> tuple[str, str]:
+    """(message, request id) for a client message that failed to decode: answered with
+    ``invalid_request`` and counted as ``bad_frames``.
+
+    A ``ValidationError`` is well-formed msgpack that breaks a rule of the message types (a
+    sampling range, a priority level, a missing field); msgspec's text names the field
+    (``... - at `$.request.sampling.top_p```). Anything else is not msgpack at all."""
+    what = "invalid" if isinstance(exc, msgspec.ValidationError) else "undecodable"
+    return f"{what} client message: {short(exc)}", guess_request_id(body)
+
+
 def short(exc: BaseException, limit: int = 200) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[: limit - 3] + "..."

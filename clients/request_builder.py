@@ -1,7 +1,9 @@
 """Turn the keyword arguments of ``chat``/``complete``/``stream``/``embed`` into a Request.
 
 Bad input raises ``InvalidRequest`` here, before anything is sent, so a caller's typo never
-reaches the broker and never costs a round trip.
+reaches the broker and never costs a round trip. Value ranges are not written out here: the
+built Request is checked against the constraints of its own types (``validated``), the same
+rules the broker applies when it decodes it. Size caps are the broker's (its config).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling
+from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling, validated
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 
@@ -97,14 +99,7 @@ def to_sampling(options: RequestOptions) -> Sampling:
     stop = options.get("stop")
     if stop is not None:
         fields["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    sampling = Sampling(**fields)  # type: ignore[arg-type]
-    if sampling.max_tokens is not None and sampling.max_tokens < 1:
-        raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-    if sampling.temperature is not None and sampling.temperature < 0:
-        raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
-    if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-    return sampling
+    return Sampling(**fields)  # type: ignore[arg-type]  # ranges: build_request checks
 
 
 def build_request(
@@ -125,12 +120,12 @@ def build_request(
         raise InvalidRequest(f"timeout must be > 0, got {timeout}")
     request_id = options.get("request_id") or new_request_id()
     sampling = to_sampling(options) if kind is not Kind.EMBEDDING else Sampling()  # type: ignore[arg-type]
-    return Request(
+    return validated(Request(
         id=request_id, model=model, kind=kind, messages=messages or [], prompt=prompt,
         input=inputs or [], sampling=sampling, stream=stream,
         priority=int(options.get("priority", Priority.NORMAL)), timeout=timeout,
         metadata=dict(options.get("metadata") or {}),
-    )
+    ))
 
 
 def to_inputs(inputs: str | Sequence[str]) -> list[str]:

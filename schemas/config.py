@@ -28,6 +28,27 @@ import msgspec
 
 DEFAULT_CLIENTS = "tcp://127.0.0.1:5555"
 DEFAULT_WORKERS = "ipc:///tmp/tokenhive-workers.sock"
+MiB = 2**20
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Size caps on what clients send, checked by the broker when a request arrives: over a
+    cap is ``invalid_request`` naming the field and the cap (``[broker.limits]`` in TOML).
+    Value ranges that never change (sampling, priority) are on the message types instead."""
+
+    max_stop: int = 16  # stop sequences per request
+    max_stop_chars: int = 256  # characters in one stop sequence
+    max_messages: int = 2048  # chat messages per request
+    max_prompt_chars: int = 4_000_000  # a completion's prompt, or all of a chat's contents
+    # Embedding inputs per request. The reply carries one vector per input as msgpack
+    # float64 (9 bytes a value) and must fit in max_message_bytes: 256 x 4096 dims ~ 9.4 MB.
+    max_inputs: int = 256
+    max_input_chars: int = 4_000_000  # all of a request's embedding inputs together
+    # Bytes of one ZeroMQ message, on every socket (ZMQ_MAXMSGSIZE): libzmq drops a larger
+    # one before buffering it. Applies to client and worker traffic alike.
+    max_message_bytes: int = 16 * MiB
+
+
 
 
 class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -45,6 +66,7 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # queued requests of a model with no worker alive and healthy (or loading) fail after
     # waiting this long (retryable); their own deadline may end them sooner
     no_worker_timeout: float = 30.0
+    limits: Limits = Limits()  # frozen, so one shared default is safe
 
 
 class WorkerSpec(msgspec.Struct, tag_field="backend", forbid_unknown_fields=True, kw_only=True):

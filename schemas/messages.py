@@ -6,16 +6,30 @@ first, so a peer speaking another version is told so instead of being misread.
 Stream messages (Chunk, Final, Error) are produced by workers, forwarded by the broker to the
 client byte for byte, and decoded only by the client. They are ``array_like`` and
 ``omit_defaults`` because they are the high-volume traffic.
+
+Validation lives on the types: ``msgspec.Meta`` constraints (sampling ranges, priority
+levels) are checked by every decode, so the broker refuses a bad request once, on arrival,
+with an ``invalid_request`` naming the field (msgspec's ``- at `$.request.sampling.top_p```),
+and a worker decoding the same types can rely on them. msgspec does not check constraints
+when a Struct is built in Python; ``validated`` applies them to such a value. Size caps that
+an operator tunes are not here: they are ``BrokerConfig.limits``, checked by the broker's
+admission.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from tokenhive.schemas.errors import RETRYABLE, ErrorCode, TokenHiveError, error_class
+from tokenhive.schemas.errors import (
+    RETRYABLE,
+    ErrorCode,
+    InvalidRequest,
+    TokenHiveError,
+    error_class,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Request
@@ -36,6 +50,20 @@ class Priority(enum.IntEnum):
     INTERACTIVE = 2
 
 
+# Range-checked field types. NaN fails every bound and an upper bound excludes infinity, so
+# each float field below is finite where it has both bounds.
+PriorityLevel = Annotated[int, msgspec.Meta(ge=int(min(Priority)), le=int(max(Priority)))]
+MAX_SEED = 2**32 - 1  # llama.cpp and most servers take an unsigned 32-bit seed
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=0)]  # 0 disables
+MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+RepeatPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]  # 1 is off
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # presence / frequency
+Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+
+
 class Message(msgspec.Struct, omit_defaults=True):
     """One chat turn: role is system, user, assistant or tool."""
 
@@ -45,16 +73,19 @@ class Message(msgspec.Struct, omit_defaults=True):
 
 
 class Sampling(msgspec.Struct, omit_defaults=True):
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    """None means the backend's default. Ranges are checked on decode (see the types above);
+    the count and length of ``stop`` are capped by the broker's configured limits."""
+
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None  # 0: greedy
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     stop: list[str] = msgspec.field(default_factory=list)
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class Request(msgspec.Struct, omit_defaults=True):
@@ -72,10 +103,34 @@ class Request(msgspec.Struct, omit_defaults=True):
     input: list[str] = msgspec.field(default_factory=list)  # embedding inputs
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     stream: bool = True
-    priority: int = Priority.NORMAL
+    priority: PriorityLevel = Priority.NORMAL  # one of the Priority levels
     deadline: float | None = None
     timeout: float | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def validated(obj: S, name: str = "") -> S:
+    """``obj`` (built in Python, so unchecked) if it satisfies its type's constraints; else
+    ``InvalidRequest`` naming the field, under ``name`` if given (``sampling.top_p``)."""
+    try:
+        msgspec.convert(msgspec.to_builtins(obj), type(obj))
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid {field_message(exc, name)}") from None
+    return obj
+
+
+def field_message(exc: msgspec.ValidationError, root: str) -> str:
+    """msgspec's message with its path rooted at ``root``: "Expected `float` >= 0.0 - at
+    `$.temperature`" -> "sampling.temperature: Expected `float` >= 0.0"."""
+    text = str(exc)
+    what, sep, where = text.rpartition(" - at `$")
+    if not sep:
+        return f"{root}: {text}" if root else text
+    path = f"{root}{where.rstrip('`')}"
+    return f"{path.removeprefix('.')}: {what}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +336,7 @@ BrokerToWorkerMsg = Dispatch | CancelWork | BrokerPing | Reregister | Rejected
 __all__ = [
     "BrokerPing", "BrokerToClientMsg", "BrokerToWorkerMsg", "Cancel", "CancelWork", "Chunk",
     "ClientMsg", "Dispatch", "Error", "Final", "Goodbye", "Health", "Heartbeat", "Kind",
-    "Message", "Ping", "Pong", "Priority", "Ready", "Rejected", "Request", "Reregister",
-    "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit", "Timings", "Usage",
-    "WorkerMsg", "WorkerStatus",
+    "Message", "Ping", "Pong", "Priority", "PriorityLevel", "Ready", "Rejected", "Request",
+    "Reregister", "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit", "Timings",
+    "Usage", "WorkerMsg", "WorkerStatus", "validated",
 ]

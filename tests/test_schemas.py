@@ -19,16 +19,25 @@ small = st.integers(min_value=0, max_value=2**31)
 floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
 opt = st.none
 
+
+def between(lo: float, hi: float, *, exclude_min: bool = False) -> st.SearchStrategy[float]:
+    return st.floats(lo, hi, exclude_min=exclude_min, allow_nan=False)
+
+
+# Only values inside the ranges the types declare (msgspec.Meta): others do not decode.
 sampling = st.builds(
     m.Sampling,
-    max_tokens=opt() | small, temperature=opt() | floats, top_p=opt() | floats,
-    top_k=opt() | small, stop=st.lists(text, max_size=3), seed=opt() | small,
+    max_tokens=opt() | st.integers(1, 2**31), temperature=opt() | between(0, 2),
+    top_p=opt() | between(0, 1, exclude_min=True), top_k=opt() | small,
+    min_p=opt() | between(0, 1), repeat_penalty=opt() | between(0, 10, exclude_min=True),
+    presence_penalty=opt() | between(-2, 2), frequency_penalty=opt() | between(-2, 2),
+    stop=st.lists(text, max_size=3), seed=opt() | st.integers(0, m.MAX_SEED),
 )
 message = st.builds(m.Message, role=st.sampled_from(["system", "user", "assistant"]), content=text)
 request = st.builds(
     m.Request, id=ident, model=ident, kind=st.sampled_from(list(m.Kind)),
     messages=st.lists(message, max_size=4), prompt=opt() | text, input=st.lists(text, max_size=3),
-    sampling=sampling, stream=st.booleans(), priority=st.integers(0, 2),
+    sampling=sampling, stream=st.booleans(), priority=st.sampled_from(list(m.Priority)),
     deadline=opt() | floats, timeout=opt() | floats,
     metadata=st.dictionaries(ident, text, max_size=3),
 )
@@ -112,8 +121,13 @@ def test_broker_to_worker_messages_round_trip(msg: object) -> None:
     assert frames.broker_to_worker_decoder.decode(frames.encode(msg)) == msg
 
 
+limits = st.builds(config.Limits, max_stop=small, max_prompt_chars=small,
+                   max_message_bytes=st.integers(4096, 2**40))
+
+
 @settings(max_examples=100)
-@given(st.builds(config.BrokerConfig, heartbeat_interval=st.floats(0.01, 10), queue_size=small))
+@given(st.builds(config.BrokerConfig, heartbeat_interval=st.floats(0.01, 10), queue_size=small,
+                 limits=limits))
 def test_broker_config_round_trips_through_toml(cfg: config.BrokerConfig) -> None:
     pool = config.PoolConfig(broker=cfg, workers=[config.EchoSpec(model="e", slots=2)])
     text = msgspec.toml.encode(_drop_none(msgspec.to_builtins(pool)))
@@ -127,6 +141,34 @@ def _drop_none(value: object) -> object:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
+
+
+OUT_OF_RANGE = [
+    ("max_tokens", 0), ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("inf")),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", -0.1), ("min_p", 1.1),
+    ("repeat_penalty", 0.0), ("repeat_penalty", 11.0), ("presence_penalty", -2.1),
+    ("frequency_penalty", float("nan")), ("seed", -1), ("seed", m.MAX_SEED + 1),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_RANGE)
+def test_out_of_range_sampling_does_not_decode_and_names_the_field(
+    field: str, value: float
+) -> None:
+    body = frames.encode(m.Submit(request=m.Request(
+        id="r", model="m", sampling=m.Sampling(**{field: value}))))  # type: ignore[arg-type]
+    with pytest.raises(msgspec.ValidationError, match=rf"`\$\.request\.sampling\.{field}`"):
+        frames.client_msg_decoder.decode(body)
+    with pytest.raises(TokenHiveError, match=rf"sampling\.{field}"):  # built in Python
+        m.validated(m.Sampling(**{field: value}), "sampling")  # type: ignore[arg-type]
+
+
+@settings(max_examples=200)
+@given(st.integers(-(2**63), 2**63 - 1).filter(lambda p: p not in set(m.Priority)))
+def test_priority_outside_the_levels_does_not_decode(priority: int) -> None:
+    body = frames.encode(m.Submit(request=m.Request(id="r", model="m", priority=priority)))
+    with pytest.raises(msgspec.ValidationError, match=r"`\$\.request\.priority`"):
+        frames.client_msg_decoder.decode(body)
 
 
 def test_chunk_is_compact() -> None:

@@ -136,6 +136,8 @@ class GGUFBackend(Backend):
             )
         if self.engine is None or not self.engine.alive:
             raise BackendError("the gguf engine is not running (closed or crashed)")
+        # The ranges are the schema's, already checked when the worker decoded the request;
+        # this re-applies them for requests built in Python (in-process use of the backend).
         check_sampling(request.sampling)
         stops = list(request.sampling.stop)
         if request.kind is Kind.COMPLETION:

@@ -1,8 +1,10 @@
 """Request sampling parameters -> a llama.cpp sampler chain, one per sequence.
 
-``check_sampling`` validates in plain Python (any thread, before a request is queued), so a
-bad value is a clear ``InvalidRequest`` that changes nothing. ``SamplerChain`` builds the
-native chain and must be created, used and freed on the engine thread only.
+``check_sampling`` applies the ranges declared on ``Sampling`` (the schema owns them; a
+request decoded off the wire already satisfies them) to a value built in Python, on any
+thread before a request is queued, so a bad value is a clear ``InvalidRequest`` naming the
+field that changes nothing. ``SamplerChain`` builds the native chain and must be created,
+used and freed on the engine thread only.
 
 Chain order follows llama.cpp / llama-cpp-python: penalties, then either greedy
 (temperature 0 or unset) or top-k -> top-p -> min-p -> temperature -> seeded dist.
@@ -12,18 +14,14 @@ min_p 0.05), the same as llama-server and llama-cpp-python, so results are compa
 
 from __future__ import annotations
 
-import math
-
 import llama_cpp
 
-from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Sampling
+from tokenhive.schemas.messages import Sampling, validated
 
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
 PENALTY_LAST_N = 64  # tokens of history the repeat/presence/frequency penalties look at
-MAX_SEED = 2**32 - 1
 
 
 def is_greedy(s: Sampling) -> bool:
@@ -31,33 +29,8 @@ def is_greedy(s: Sampling) -> bool:
 
 
 def check_sampling(s: Sampling) -> None:
-    """Raise InvalidRequest naming the first bad field."""
-
-    def bad(field: str, value: object, rule: str) -> InvalidRequest:
-        return InvalidRequest(f"sampling.{field}={value!r} is invalid: {rule}")
-
-    if s.max_tokens is not None and s.max_tokens < 1:
-        raise bad("max_tokens", s.max_tokens, "must be >= 1")
-    if s.temperature is not None and not (math.isfinite(s.temperature) and s.temperature >= 0):
-        raise bad("temperature", s.temperature, "must be a finite number >= 0")
-    if s.top_p is not None and not (0.0 < s.top_p <= 1.0):
-        raise bad("top_p", s.top_p, "must be in (0, 1]")
-    if s.top_k is not None and s.top_k < 0:
-        raise bad("top_k", s.top_k, "must be >= 0 (0 disables)")
-    if s.min_p is not None and not (0.0 <= s.min_p <= 1.0):
-        raise bad("min_p", s.min_p, "must be in [0, 1]")
-    if s.repeat_penalty is not None and not (
-        math.isfinite(s.repeat_penalty) and s.repeat_penalty > 0
-    ):
-        raise bad("repeat_penalty", s.repeat_penalty, "must be a finite number > 0")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(s, name)
-        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
-            raise bad(name, value, "must be in [-2, 2]")
-    if s.seed is not None and not (0 <= s.seed <= MAX_SEED):
-        raise bad("seed", s.seed, f"must be in [0, {MAX_SEED}]")
-    if any(not isinstance(x, str) for x in s.stop):
-        raise bad("stop", s.stop, "must be a list of strings")
+    """Raise InvalidRequest naming the first field outside its declared range."""
+    validated(s, "sampling")
 
 
 class SamplerChain:
