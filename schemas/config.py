@@ -7,7 +7,7 @@ A pool file for ``tokenhive up``::
 
     [broker]
     clients = "tcp://127.0.0.1:5555"
-    workers = "ipc:///tmp/tokenhive-workers"
+    workers = "ipc:///run/user/1000/tokenhive/workers.sock"   # default: per user, private
 
     [[workers]]
     backend = "gguf"
@@ -22,12 +22,25 @@ API keys never appear in config values: config names an environment variable
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import msgspec
 
 DEFAULT_CLIENTS = "tcp://127.0.0.1:5555"
-DEFAULT_WORKERS = "ipc:///tmp/tokenhive-workers.sock"
+
+
+def _private_run_dir() -> str:
+    # Per user, never a fixed shared /tmp name another user could squat or a second pool
+    # could silently take over (libzmq unlinks an existing ipc path on bind). The broker
+    # creates it 0700 and refuses a path someone else owns or a live socket (tokenhive.transport).
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return f"{runtime}/tokenhive"
+    return f"/tmp/tokenhive-{os.getuid()}" if hasattr(os, "getuid") else "/tmp/tokenhive"
+
+
+DEFAULT_WORKERS = f"ipc://{_private_run_dir()}/workers.sock"
 MiB = 2**20
 
 
@@ -47,8 +60,6 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     # Bytes of one ZeroMQ message, on every socket (ZMQ_MAXMSGSIZE): libzmq drops a larger
     # one before buffering it. Applies to client and worker traffic alike.
     max_message_bytes: int = 16 * MiB
-
-
 
 
 class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -170,13 +181,17 @@ class AzureSpec(WorkerSpec, tag="azure"):
 
 
 class BinarySpec(WorkerSpec, tag="binary"):
-    """A local one-shot binary (llama-cli convention): prompt in argv, text on stdout."""
+    """A local one-shot binary (llama-completion convention): the prompt in a 0600 file
+    (``-f {prompt_file}``: never on argv, where ``ps`` shows it and ~128 KiB fails), text on
+    stdout."""
 
     binary: str = "llama-completion"
     model_path: str | None = None
-    # {binary} {model} {prompt} {max_tokens} {temperature} {seed} are substituted per argument
+    # {binary} {model} {prompt_file} {max_tokens} {temperature} {seed} are substituted per
+    # argument; {prompt} (the text on argv) still works but is discouraged.
     args: list[str] = msgspec.field(
-        default_factory=lambda: ["-m", "{model}", "-p", "{prompt}", "-n", "{max_tokens}", "-no-cnv"]
+        default_factory=lambda: ["-m", "{model}", "-f", "{prompt_file}", "-n", "{max_tokens}",
+                                 "-no-cnv"]
     )
     timeout: float = 300.0
     default_max_tokens: int = 256
