@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.support.tiny_gguf import write_tiny_llama
+
 # Property tests: the same examples on every machine and run, no example database, no
 # per-example deadline (a loaded 2-core box is not a bug); each test sets its own count.
 settings.register_profile("tokenhive", derandomize=True, database=None, deadline=None)
 settings.load_profile("tokenhive")
 
-from tests.support.tiny_gguf import write_tiny_llama
 
 
 @pytest.fixture(scope="session")
