@@ -1,9 +1,8 @@
 """Continuous batching on llama.cpp: one thread, one context, ``slots`` sequences.
 
-The engine thread owns every llama.cpp object. Other threads talk to it through a
-thread-safe inbox (submit / cancel / close) and receive each request's events (``Delta``,
-``Done`` or a ``TokenHiveError``) on that request's ``asyncio.Queue``, delivered with one
-``call_soon_threadsafe`` per event loop per step.
+The engine thread owns every llama.cpp object. Other threads talk to it through a thread-safe
+inbox (submit / cancel / close) and receive each request's events (``Delta``, ``Done`` or a
+``TokenHiveError``) on its ``asyncio.Queue``, one ``call_soon_threadsafe`` per loop per step.
 
 One *step* = one ``llama_decode`` of a batch holding, in sequence-id order:
 
@@ -16,9 +15,8 @@ Then every sequence whose logits were computed samples one token with its own sa
 chain, detokenizes it incrementally, checks stop sequences / EOG / max_tokens, and a
 finished sequence's slot is free for the next queued request in the very next step.
 
-Prompt-prefix reuse: a slot keeps its KV cache after its request ends; a new request goes
-to the free slot sharing the longest token prefix with its prompt, and only the rest of the
-prompt is decoded.
+Prompt-prefix reuse: a slot keeps its KV cache after its request ends; a new request goes to
+the free slot sharing the longest token prefix with its prompt; only the rest is decoded.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tokenhive.schemas.errors import BackendError, ContextTooLong, InvalidRequest, TokenHiveError
@@ -41,25 +38,20 @@ from tokenhive.workers.gguf.detok import Detokenizer, PieceCache
 from tokenhive.workers.gguf.native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
 from tokenhive.workers.gguf.outbox import Outbox
 from tokenhive.workers.gguf.sampling import PENALTY_LAST_N, SamplerChain
-from tokenhive.workers.gguf.slots import Admitted, Job, Run, Slot, pick_slot, plan_step
+from tokenhive.workers.gguf.slots import (
+    Admitted,
+    EngineStats,
+    Job,
+    Run,
+    Slot,
+    pick_slot,
+    plan_step,
+)
 from tokenhive.workers.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class EngineStats:
-    """Counters, written by the engine thread and read anywhere (plain ints)."""
-
-    steps: int = 0
-    decoded_tokens: int = 0  # prompt + generated tokens through llama_decode
-    generated_tokens: int = 0
-    reused_prompt_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
-    decode_errors: int = 0
-    consecutive_decode_errors: int = 0  # since the last request that finished normally
-    last_error: str = ""
 
 
 class GGUFEngine:

@@ -138,3 +138,16 @@ def plan_step(slots: list[Slot], n_batch: int) -> StepPlan:
         r.batch_row = len(plan.tokens) - 1 if done_prompt else -1
         plan.members.append((slot, len(new)))
     return plan
+
+
+@dataclass
+class EngineStats:
+    """Counters, written by the engine thread and read anywhere (plain ints)."""
+
+    steps: int = 0
+    decoded_tokens: int = 0  # prompt + generated tokens through llama_decode
+    generated_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
+    decode_errors: int = 0
+    consecutive_decode_errors: int = 0  # since the last request that finished normally
+    last_error: str = ""
