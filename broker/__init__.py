@@ -6,10 +6,16 @@ Layout, one concept per module:
   structures, no I/O.
 - ``admission`` (accept or refuse a request), ``wire`` (frame checks, bodies the broker
   writes itself), ``status`` (counters and the StatusReply snapshot).
-- ``core`` (with its ``worker_events`` and ``timers`` halves): the state machine. It takes
-  decoded events, sends through a ``sink.Sink`` and never touches zmq, so it is unit-tested
-  without sockets.
+- ``core``: the state machine. It takes decoded events, sends through a ``sink.Sink`` and
+  never touches zmq, so it is unit-tested without sockets. ``BrokerCore`` owns one
+  ``state.BrokerState`` (every fact the core keeps) and three collaborators over it, which
+  keep nothing of their own: ``flow.JobFlow`` (dispatch, requeue, the one final answer,
+  losing a worker or a client, ``settle``), ``worker_events.WorkerEvents`` (the worker
+  socket's messages and the chunk hot path) and ``timers.Timers`` (deadlines, liveness).
+  The client side is in ``core`` itself.
 - ``loop``: owns the two ROUTER sockets, drains them and moves frames in and out of the core.
+  The sockets and the raw send/recv helpers come from ``tokenhive.transport``, shared with
+  the worker and the client.
 - ``command`` / ``__main__`` / ``validate``: the CLI (``python -m tokenhive.broker``).
 
 Policies worth knowing (details where they are implemented):

@@ -1,4 +1,7 @@
-"""The only module that touches sockets: two ROUTERs, drained into the core.
+"""The only broker module that touches sockets: two ROUTERs, drained into the core.
+
+The sockets and the C-level send/recv helpers come from ``tokenhive.transport`` (options:
+high-water marks, MAXMSGSIZE from ``limits.max_message_bytes``, TCP keepalive).
 
 Both sockets are plain (non-asyncio) zmq sockets whose FDs are registered with the event
 loop. ZeroMQ FDs are edge-triggered and also signal on internal commands, so on every
@@ -9,7 +12,9 @@ consumed the notification for messages that are already waiting.
 Nothing is dropped silently. Both ROUTERs are ROUTER_MANDATORY, so a send to a peer that
 is gone raises EHOSTUNREACH and one to a peer whose pipe is full raises EAGAIN; both are
 reported to the core (``sink.GONE`` / ``sink.FULL``). Sends to a slow client are buffered
-per client (up to ``client_buffer`` messages), flushed whenever the socket wakes us.
+per client (up to ``client_buffer`` messages), flushed whenever the socket wakes us. The
+one drop is on purpose and never reaches Python: a frame over MAXMSGSIZE makes libzmq close
+that peer's connection at the frame's header (the peer reconnects; see ``transport``).
 """
 
 from __future__ import annotations
@@ -18,43 +23,20 @@ import asyncio
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 import zmq
 
+from tokenhive import transport
 from tokenhive.broker.core import BrokerCore
 from tokenhive.broker.sink import FULL, GONE, SENT
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.frames import VERSION_FRAME
+from tokenhive.transport import EVENTS, POLLIN, recv_routed, send_triple
 
 log = logging.getLogger("tokenhive.broker")
 
 BATCH = 2000  # messages per socket per wake-up before yielding to timers and the other socket
-_MORE_NOW = zmq.SNDMORE | zmq.NOBLOCK
 _ROUTE_CHUNK_BYTE = ord("c")
-
-
-def _recv_message(recv: Callable[..., Any]) -> list[bytes]:
-    """One whole multipart message from a ROUTER, without blocking (zmq.Again if none).
-
-    Not recv_multipart: it asks getsockopt(RCVMORE) after every frame, which costs more
-    than the recv itself. A zero-copy Frame carries the same bit as ``.more``, and the
-    identity frame needs no check: a ROUTER always delivers it with at least one more."""
-    frames = [recv(zmq.NOBLOCK)]
-    frame = recv(zmq.NOBLOCK, copy=False)  # the rest of the message is already here
-    frames.append(frame.bytes)
-    while frame.more:
-        frame = recv(zmq.NOBLOCK, copy=False)
-        frames.append(frame.bytes)
-    return frames
-
-
-def _bindable(address: str) -> str:
-    """``tcp://host:0`` means any free port; zmq spells that ``tcp://host:*``."""
-    if address.startswith("tcp://") and address.endswith(":0"):
-        return address[:-1] + "*"
-    return address
 
 
 class BrokerServer:
@@ -62,14 +44,13 @@ class BrokerServer:
         self.cfg = config
         self._own_context = context is None
         self.ctx = context or zmq.Context()
-        self.frontend = self._router()  # clients
-        self.backend = self._router()  # workers
-        # The backend's own send, skipping pyzmq's Python-level wrapper (routing_id/group
-        # handling we never use): half the cost per frame, and the hot path sends 3 frames.
-        self._send_client = super(zmq.Socket, self.frontend).send
-        self._send_worker = super(zmq.Socket, self.backend).send
-        self._recv_client = super(zmq.Socket, self.frontend).recv
-        self._recv_worker = super(zmq.Socket, self.backend).recv
+        limit = config.limits.max_message_bytes  # bigger frames: libzmq drops the peer
+        self.frontend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit)
+        self.backend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit)
+        # The sockets' C-level methods: half the cost per frame of pyzmq's wrappers, and
+        # the hot path receives 4 frames and sends 3 per chunk.
+        self._send_client, self._recv_client, self._get_client = transport.raw(self.frontend)
+        self._send_worker, self._recv_worker, self._get_worker = transport.raw(self.backend)
         self.core = BrokerCore(config, self)
         self._backlog: dict[bytes, deque[bytes]] = {}  # slow clients: bodies not yet sent
         self._overflowed: set[bytes] = set()
@@ -82,24 +63,10 @@ class BrokerServer:
         # Deadlines and heartbeats are checked on this period; 50 ms is plenty for both.
         self.tick_interval = max(0.005, min(0.05, config.heartbeat_interval / 4))
 
-    def _router(self) -> zmq.Socket[bytes]:
-        sock = self.ctx.socket(zmq.ROUTER)
-        # All options before bind: they apply to pipes created afterwards.
-        sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
-        sock.setsockopt(zmq.RCVHWM, self.cfg.hwm)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> error, never a silent drop
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with a set identity wins
-        sock.setsockopt(zmq.LINGER, 0)
-        return sock
-
     def bind(self) -> tuple[str, str]:
         """Bind both sockets; returns the actual endpoints (with real ports for ``:0``)."""
-        self.frontend.bind(_bindable(self.cfg.clients))
-        self.backend.bind(_bindable(self.cfg.workers))
-        return (
-            self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode(),  # type: ignore[union-attr]
-            self.backend.getsockopt(zmq.LAST_ENDPOINT).decode(),  # type: ignore[union-attr]
-        )
+        return (transport.bind(self.frontend, self.cfg.clients),
+                transport.bind(self.backend, self.cfg.workers))
 
     async def serve(self, stop: asyncio.Event) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -146,8 +113,7 @@ class BrokerServer:
 
     def _recheck(self) -> None:
         """Edge-triggered FDs: after our own sends, look again before going to sleep."""
-        pending = int(self.backend.EVENTS) | int(self.frontend.EVENTS)  # type: ignore[arg-type]
-        if pending & zmq.POLLIN:
+        if (self._get_worker(EVENTS) | self._get_client(EVENTS)) & POLLIN:
             self._schedule_pump()
 
     def _drain_workers(self) -> bool:
@@ -158,7 +124,7 @@ class BrokerServer:
         version = VERSION_FRAME
         for _ in range(BATCH):
             try:
-                frames = _recv_message(recv)
+                frames = recv_routed(recv)
             except zmq.Again:
                 return False
             try:
@@ -179,7 +145,7 @@ class BrokerServer:
         core = self.core
         for _ in range(BATCH):
             try:
-                frames = _recv_message(recv)
+                frames = recv_routed(recv)
             except zmq.Again:
                 return False
             try:
@@ -207,16 +173,13 @@ class BrokerServer:
     def to_client(self, ident: bytes, body: bytes) -> int:
         backlog = self._backlog.get(ident) if self._backlog else None
         if backlog is None:
-            send = self._send_client
             try:
-                send(ident, _MORE_NOW)
+                send_triple(self._send_client, ident, VERSION_FRAME, body)
             except zmq.Again:  # this client's pipe is full: start buffering for it
                 backlog = self._backlog[ident] = deque()
             except zmq.ZMQError as exc:
                 return self._send_error(exc, "client", ident)
             else:
-                send(VERSION_FRAME, zmq.SNDMORE)
-                send(body)
                 return SENT
         backlog.append(body)
         if len(backlog) > self._flush_at and not self._flush_one(ident, backlog):
@@ -227,15 +190,12 @@ class BrokerServer:
         return SENT
 
     def to_worker(self, ident: bytes, body: bytes) -> int:
-        send = self._send_worker
         try:
-            send(ident, _MORE_NOW)
+            send_triple(self._send_worker, ident, VERSION_FRAME, body)
         except zmq.Again:
             return FULL
         except zmq.ZMQError as exc:
             return self._send_error(exc, "worker", ident)
-        send(VERSION_FRAME, zmq.SNDMORE)
-        send(body)
         return SENT
 
     def _send_error(self, exc: zmq.ZMQError, side: str, ident: bytes) -> int:
@@ -247,19 +207,18 @@ class BrokerServer:
         """Send what the client's pipe takes now; False if the client is gone."""
         # Reading EVENTS makes zmq process pending commands now, among them the "reader
         # made room" notices of this pipe; sends only look at commands about once per ms.
-        self.frontend.getsockopt(zmq.EVENTS)
+        self._get_client(EVENTS)
         send = self._send_client
         while backlog:
             try:
-                send(ident, _MORE_NOW)
+                send_triple(send, ident, VERSION_FRAME, backlog[0])
             except zmq.Again:
                 return True
             except zmq.ZMQError as exc:
                 self._send_error(exc, "client", ident)
                 backlog.clear()
                 return False
-            send(VERSION_FRAME, zmq.SNDMORE)
-            send(backlog.popleft())
+            backlog.popleft()
         return True
 
     def _flush_backlogs(self) -> None:

@@ -1,59 +1,59 @@
-"""The worker side of the core: registration, health, terminals, lost workers.
+"""The worker side of the core: registration, health, stream messages, terminals.
 
-A mixin of ``BrokerCore`` (split out only to keep files small); it uses the core's state
-and helpers, declared below for the type checker.
+A collaborator of ``BrokerCore`` over the shared ``BrokerState``; work is ended, requeued
+and dispatched through ``JobFlow``. ``on_chunk`` is the hot path: the socket loop calls it
+(as ``BrokerCore.on_chunk``) for every chunk, with ``state.now`` already fresh.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from tokenhive.broker import wire
-from tokenhive.broker.job import Job, JobState
-from tokenhive.broker.registry import Worker, WorkerRegistry
-from tokenhive.schemas.config import BrokerConfig
+from tokenhive.broker.flow import JobFlow
+from tokenhive.broker.state import BrokerState
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, worker_msg_decoder
 from tokenhive.schemas.messages import Goodbye, Health, Heartbeat, Ready
-
-if TYPE_CHECKING:
-    from tokenhive.broker.inflight import InFlight
-    from tokenhive.broker.queue import ModelQueue
-    from tokenhive.broker.sink import Sink
 
 log = logging.getLogger("tokenhive.broker")
 
 
 class WorkerEvents:
-    if TYPE_CHECKING:
-        cfg: BrokerConfig
-        sink: Sink
-        now: float
-        counts: dict[str, int]
-        registry: WorkerRegistry
-        inflight: InFlight
-        worker_timeout: float
-        _dirty: set[str]
-        _rereg_sent: dict[bytes, float]
+    def __init__(self, state: BrokerState, flow: JobFlow) -> None:
+        self.state = state
+        self.flow = flow
+        # the hot path's lookups, bound once (neither object is ever replaced)
+        self._chunk_routes = state.inflight.by_chunk_route
+        self._to_client = state.sink.to_client
 
-        def touch(self) -> None: ...
-        def settle(self) -> None: ...
-        def on_chunk(self, ident: bytes, route: bytes, body: bytes) -> None: ...
-        def _queue(self, model: str) -> ModelQueue: ...
-        def _end(self, job: Job, code: ErrorCode, message: str, **fields: object) -> None: ...
-        def _finish(self, job: Job, body: bytes, outcome: str) -> None: ...
-        def _terminal(self, job: Job, body: bytes) -> tuple[bytes, str]: ...
+    def on_chunk(self, ident: bytes, route: bytes, body: bytes) -> None:
+        """Forward a chunk body unchanged. Not decoded; only counted."""
+        job = self._chunk_routes.get(route)
+        if job is None or job.worker_ident != ident:
+            self._stray(ident, route, "late_chunks")
+            return
+        state = self.state
+        now = state.now
+        if not job.chunks:
+            job.first_at = now
+        job.chunks += 1
+        state.chunks += 1
+        job.worker.last_seen = now  # type: ignore[union-attr]  # in flight => has worker
+        rc = self._to_client(job.client, body)
+        if rc:
+            state.client_trouble(job.client, rc)
 
     def on_worker_frames(self, frames: list[bytes]) -> None:
         """One message from the worker socket: ``[ident, VERSION, route, body]``, or garbage."""
-        self.touch()
+        state = self.state
+        state.touch()
         ident = frames[0]
-        worker = self.registry.get(ident)
+        worker = state.registry.get(ident)
         if worker is not None:
-            worker.last_seen = self.now  # any message proves it alive
+            worker.last_seen = state.now  # any message proves it alive
         if len(frames) < 2:
             self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST, "empty message")
         elif (problem := wire.version_problem(frames[1])) is not None:
@@ -73,7 +73,7 @@ class WorkerEvents:
             else:
                 self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST,
                              f"unknown route frame {route[:16]!r}")
-        self.settle()
+        self.flow.settle()
 
     def _on_control(self, ident: bytes, body: bytes) -> None:
         try:
@@ -99,26 +99,28 @@ class WorkerEvents:
         if problem is not None:
             self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST, f"bad Ready: {problem}")
             return
-        previous = self.registry.get(ident)
+        state, registry = self.state, self.state.registry
+        previous = registry.get(ident)
         if previous is not None and not previous.active and not previous.cancelling:
             # an update (a worker announces itself while loading, then again when loaded)
-            self.registry.remove(previous, self.now)
+            registry.remove(previous, state.now)
         elif previous is not None:  # the same socket announcing itself again: a fresh start
-            self._lose_worker(previous, "registered again", counter="workers_lost")
-        namesake = self.registry.by_name(ready.worker)
+            self.flow.lose_worker(previous, "registered again", counter="workers_lost")
+        namesake = registry.by_name(ready.worker)
         if namesake is not None:  # a restarted worker on a new socket replaces the old one
-            self._lose_worker(namesake, "replaced by a new registration", counter="workers_lost")
-        worker = self.registry.add(ident, ready, self.now)
-        self._rereg_sent.pop(ident, None)
-        self.counts["workers_registered"] += 1
+            self.flow.lose_worker(namesake, "replaced by a new registration",
+                                  counter="workers_lost")
+        worker = registry.add(ident, ready, state.now)
+        state.rereg_sent.pop(ident, None)
+        state.counts["workers_registered"] += 1
         log.info("worker registered", extra={
             "worker": worker.name, "model": worker.model, "backend": worker.backend,
             "slots": worker.slots, "health": worker.health.value, "device": worker.device,
         })
-        self._dirty.add(worker.model)
+        state.dirty.add(worker.model)
 
     def on_heartbeat(self, ident: bytes, hb: Heartbeat) -> None:
-        worker = self.registry.get(ident)
+        worker = self.state.registry.get(ident)
         if worker is None:
             self._reregister(ident)
             return
@@ -131,89 +133,57 @@ class WorkerEvents:
         worker.reported_free = hb.free_slots
         worker.reported_in_flight = hb.in_flight
         if hb.health is Health.OK:
-            self._dirty.add(worker.model)
+            self.state.dirty.add(worker.model)
 
     def on_goodbye(self, ident: bytes, bye: Goodbye) -> None:
-        worker = self.registry.get(ident)
+        worker = self.state.registry.get(ident)
         if worker is not None:
             why = f"goodbye: {bye.reason}" if bye.reason else "goodbye"
             if bye.code is not None:
                 why += f" ({bye.code.value})"
-            self._lose_worker(worker, why, counter="workers_left")
+            self.flow.lose_worker(worker, why, counter="workers_left")
 
     def on_end(self, ident: bytes, route: bytes, body: bytes) -> None:
         """A worker's terminal (Final or Error): release the slot, answer the client."""
-        job = self.inflight.by_end_route.get(route)
+        state = self.state
+        job = state.inflight.by_end_route.get(route)
         if job is None or job.worker_ident != ident:
-            worker = self.registry.get(ident)
+            worker = state.registry.get(ident)
             if worker is not None and worker.cancelling.pop(route, None) is not None:
-                self._dirty.add(worker.model)  # the cancelled work really stopped: slot free
+                state.dirty.add(worker.model)  # the cancelled work really stopped: slot free
             self._stray(ident, route, "late_terminals")
             return
         worker = job.worker
         assert worker is not None
-        self.inflight.remove(job)
+        state.inflight.remove(job)
         del worker.active[route]
         if not job.first_at:
-            job.first_at = self.now
+            job.first_at = state.now
         worker.record_latency((job.first_at - job.dispatched_at) * 1000.0)
-        answer, outcome = self._terminal(job, body)
+        answer, outcome = self.flow.terminal(job, body)
         if outcome == "completed":
             worker.served += 1
         else:
             worker.failed += 1
-        self._finish(job, answer, outcome)
-        self._dirty.add(worker.model)
+        self.flow.finish(job, answer, outcome)
+        state.dirty.add(worker.model)
 
     def _stray(self, ident: bytes, route: bytes, counter: str) -> None:
         """A stream message for a request that is not (or no longer) in flight there."""
-        self.counts[counter] += 1
-        if self.registry.get(ident) is None:
+        self.state.counts[counter] += 1
+        if self.state.registry.get(ident) is None:
             self._reregister(ident)
 
     def _reregister(self, ident: bytes) -> None:
         """Tell an unknown worker to send Ready, at most once per heartbeat interval."""
-        sent = self._rereg_sent.get(ident)
-        if sent is not None and self.now - sent < self.cfg.heartbeat_interval:
+        state = self.state
+        sent = state.rereg_sent.get(ident)
+        if sent is not None and state.now - sent < state.cfg.heartbeat_interval:
             return
-        self._rereg_sent[ident] = self.now
-        self.counts["reregister_sent"] += 1
-        if self.sink.to_worker(ident, wire.REREGISTER):
-            self.counts["send_failures"] += 1
+        state.rereg_sent[ident] = state.now
+        state.counts["reregister_sent"] += 1
+        state.send_worker_ident(ident, wire.REREGISTER)
 
     def _reject(self, ident: bytes, counter: str, code: ErrorCode, message: str) -> None:
-        self.counts[counter] += 1
-        if self.sink.to_worker(ident, wire.rejected_body(code, message)):
-            self.counts["send_failures"] += 1
-
-    def _lose_worker(self, worker: Worker, why: str, counter: str = "workers_lost") -> None:
-        """Unregister; its work is requeued if nothing streamed yet, else answered."""
-        if self.registry.get(worker.ident) is not worker:
-            return  # already gone
-        self.registry.remove(worker, self.now)
-        self.counts[counter] += 1
-        jobs = sorted(worker.active.values(), key=lambda j: j.seq, reverse=True)
-        worker.active.clear()
-        worker.cancelling.clear()
-        # a worker leaving idle (drained, stopped) is routine; losing work is not
-        log.log(logging.WARNING if jobs else logging.INFO, "worker removed", extra={
-            "worker": worker.name, "model": worker.model, "why": why, "in_flight": len(jobs)})
-        for job in jobs:  # newest first, each to the front: the oldest ends up leading
-            self.inflight.remove(job)
-            if job.chunks == 0 and job.attempts < self.cfg.max_attempts:
-                job.state = JobState.QUEUED
-                job.worker = None
-                job.worker_ident = b""
-                job.enqueued_at = self.now
-                self._queue(job.model).push(job, front=True)
-                self.counts["requeued"] += 1
-                continue
-            self.counts["worker_lost"] += 1
-            if job.chunks:
-                message = f"worker {worker.name} lost after {job.chunks} chunks ({why})"
-            else:
-                message = (f"worker {worker.name} lost ({why}); "
-                           f"gave up after {job.attempts} attempts")
-            # active was cleared above, so _end sends no CancelWork to the dead worker
-            self._end(job, ErrorCode.WORKER_LOST, message, retryable=job.chunks == 0)
-        self._dirty.add(worker.model)
+        self.state.counts[counter] += 1
+        self.state.send_worker_ident(ident, wire.rejected_body(code, message))

@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from tokenhive import transport
 from tokenhive.clients.inbox import Inbox
 from tokenhive.schemas.errors import BrokerUnavailable, ErrorCode, InvalidRequest
 from tokenhive.schemas.frames import VERSION_FRAME, broker_to_client_decoder, encode, version_of
@@ -43,25 +44,17 @@ from tokenhive.schemas.messages import (
     StatusQuery,
     StatusReply,
 )
+from tokenhive.transport import EVENTS, POLLIN, POLLOUT, recv_message, send_pair
 
 log = logging.getLogger("tokenhive.client")
 
-HWM = 100_000  # the reader drains into per-request inboxes, so the socket rarely holds much
+HWM = transport.DEFAULT_HWM  # the reader drains into per-request inboxes: rarely much here
 RECV_BATCH = 1_000  # messages handled per wake-up before letting other callbacks run
 
-# I/O goes through the socket's C-level methods on its edge-triggered FD (as in the broker
-# and the worker link), not through zmq.asyncio futures: those cost several Python calls,
-# IntFlag operations and a future per message, which was most of the client's CPU per
-# request. A send that would block (the high-water mark) waits in a backlog, in order.
-_raw_send = zmq.backend.Socket.send
-_raw_recv = zmq.backend.Socket.recv
-_raw_getsockopt = zmq.backend.Socket.get
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_EVENTS = int(zmq.EVENTS)
-_RCVMORE = int(zmq.RCVMORE)
-_POLLIN = int(zmq.POLLIN)
-_POLLOUT = int(zmq.POLLOUT)
+# I/O goes through the socket's C-level methods (transport.raw) on its edge-triggered FD, as
+# in the broker and the worker link, not through zmq.asyncio futures: those cost several
+# Python calls, IntFlag operations and a future per message, which was most of the client's
+# CPU per request. A send that would block (the high-water mark) waits in a backlog, in order.
 
 
 class ConnectionStats(msgspec.Struct):
@@ -80,15 +73,18 @@ class Connection:
         heartbeat_interval: float = 1.0,
         broker_timeout: float = 5.0,
         context: zmq.asyncio.Context | None = None,
+        max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if heartbeat_interval <= 0 or broker_timeout <= 0:
             raise InvalidRequest("heartbeat_interval and broker_timeout must be > 0")
         self.address = address
         self.heartbeat_interval = heartbeat_interval
         self.broker_timeout = broker_timeout
+        self.max_message_bytes = max_message_bytes
         self.stats = ConnectionStats()
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
+        self._raw: transport.Raw | None = None  # the socket's C-level methods
         self._monitor: zmq.asyncio.Socket | None = None
         self._generation = 0  # bumped per socket, so a late Cancel never goes to a new one
         self._tasks: list[asyncio.Task[None]] = []
@@ -122,20 +118,21 @@ class Connection:
         socket is still the current one (a Cancel for a request the old broker had)."""
         if generation is not None and generation != self._generation:
             return False
-        sock = self._socket if generation is not None else self._ensure_socket()
-        if sock is None:
+        if generation is None:
+            self._ensure_socket()
+        io = self._raw
+        if io is None:
             return False
         body = encode(msg)
         if not self._backlog:
             try:
-                _raw_send(sock, VERSION_FRAME, _NOBLOCK_MORE)
+                send_pair(io.send, VERSION_FRAME, body)
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
                 log.debug("client send failed", extra={"error": str(exc)})
                 return True
-            else:  # a multipart message is atomic: the first frame in means all go in
-                _raw_send(sock, body, _NOBLOCK)
+            else:
                 self._poke()
                 return True
         self._backlog.append(body)
@@ -190,10 +187,7 @@ class Connection:
         self._loop = loop
         if self._socket is not None:
             return self._socket
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, HWM)
-        sock.setsockopt(zmq.RCVHWM, HWM)
+        sock = transport.dealer(self._context, hwm=HWM, max_message_bytes=self.max_message_bytes)
         self._generation += 1
         monitor = sock.get_monitor_socket(
             zmq.EVENT_DISCONNECTED, f"inproc://tokenhive-client-{id(self)}-{self._generation}"
@@ -206,6 +200,7 @@ class Connection:
             sock.close(linger=0)
             raise InvalidRequest(f"cannot connect to {self.address!r}: {exc}") from None
         self._socket, self._monitor = sock, monitor
+        self._raw = transport.raw(sock)
         self._fd = typing.cast(int, sock.getsockopt(zmq.FD))
         loop.add_reader(self._fd, self._on_events)
         self.stats.sockets += 1
@@ -228,6 +223,7 @@ class Connection:
                 waiter.set_exception(BrokerUnavailable(exc.message))
         self._busy.clear()
         sock, self._socket = self._socket, None
+        self._raw = None
         monitor, self._monitor = self._monitor, None
         self._backlog.clear()
         if sock is not None:
@@ -265,20 +261,18 @@ class Connection:
         """Receive (and flush the backlog) until ZMQ_EVENTS shows nothing left to do."""
         self._poke_pending = False
         handled = 0
-        while (sock := self._socket) is not None:
+        while (io := self._raw) is not None:
             try:
-                events = typing.cast(int, _raw_getsockopt(sock, _EVENTS))
-                if self._backlog and events & _POLLOUT:
+                events = io.get(EVENTS)
+                if self._backlog and events & POLLOUT:
                     self._flush()
                     continue
-                if not events & _POLLIN:
+                if not events & POLLIN:
                     return
                 if handled >= RECV_BATCH:
                     self._poke()  # more is waiting: let the callers run first
                     return
-                frames = [_raw_recv(sock, _NOBLOCK)]
-                while _raw_getsockopt(sock, _RCVMORE):
-                    frames.append(_raw_recv(sock, _NOBLOCK))
+                frames = recv_message(io.recv)
             except zmq.Again:
                 continue
             except zmq.ZMQError:
@@ -289,18 +283,18 @@ class Connection:
             self._deliver(frames)
 
     def _flush(self) -> None:
-        sock = self._socket
+        io = self._raw
         backlog = self._backlog
-        while sock is not None and backlog:
+        while io is not None and backlog:
             try:
-                _raw_send(sock, VERSION_FRAME, _NOBLOCK_MORE)
+                send_pair(io.send, VERSION_FRAME, backlog[0])
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
                 log.debug("client send failed", extra={"error": str(exc)})
                 backlog.clear()
                 return
-            _raw_send(sock, backlog.popleft(), _NOBLOCK)
+            backlog.popleft()
 
     def _deliver(self, frames: list[bytes]) -> None:
         if len(frames) != 2 or frames[0] != VERSION_FRAME:

@@ -185,6 +185,7 @@ def worker(name: str, slots: int = 2, seq: int = 1) -> Worker:
 # -- data structures ---------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)
 def test_queue_priority_then_fifo_front_requeue_and_lazy_discard() -> None:
     q = ModelQueue(limit=10)
     jobs = [job(1, 0), job(2, 1), job(3, 2), job(4, 1), job(5, 2)]
@@ -202,6 +203,7 @@ def test_queue_priority_then_fifo_front_requeue_and_lazy_discard() -> None:
     assert q.pop() is None and len(q) == 0
 
 
+@pytest.mark.timeout(30)
 def test_queue_full_bounds_new_work_but_not_requeues() -> None:
     q = ModelQueue(limit=2)
     q.push(job(1))
@@ -211,6 +213,7 @@ def test_queue_full_bounds_new_work_but_not_requeues() -> None:
     assert len(q) == 3
 
 
+@pytest.mark.timeout(30)
 def test_queue_stays_small_under_discards_and_many_priorities() -> None:
     q = ModelQueue(limit=100_000)
     for i in range(5000):
@@ -221,6 +224,7 @@ def test_queue_stays_small_under_discards_and_many_priorities() -> None:
     assert sum(len(lane) for lane in q._lanes.values()) == 0  # compacted / dropped lanes
 
 
+@pytest.mark.timeout(30)
 def test_deadline_heap_skips_answered_jobs() -> None:
     heap = DeadlineHeap()
     a, b, c = job(1, deadline=5.0), job(2, deadline=3.0), job(3, deadline=9.0)
@@ -232,6 +236,7 @@ def test_deadline_heap_skips_answered_jobs() -> None:
     assert heap.due(100.0) == [c]
 
 
+@pytest.mark.timeout(30)
 def test_keys_are_unique_and_compact() -> None:
     make = KeyMaker()
     keys = {make() for _ in range(10_000)}
@@ -239,6 +244,7 @@ def test_keys_are_unique_and_compact() -> None:
     assert KeyMaker()() != KeyMaker()()  # random start per broker run
 
 
+@pytest.mark.timeout(30)
 def test_balancers() -> None:
     a, b, c = worker("a", slots=4, seq=1), worker("b", slots=4, seq=2), worker("c", slots=4, seq=3)
     a.active = {b"x": job(1), b"y": job(2)}
@@ -264,6 +270,7 @@ def test_balancers() -> None:
 # -- the state machine -------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)
 def test_submit_dispatch_stream_final_forwards_bodies_unchanged() -> None:
     h = Harness()
     h.ready(b"w1")
@@ -285,6 +292,7 @@ def test_submit_dispatch_stream_final_forwards_bodies_unchanged() -> None:
     assert h.core.clients == {}  # idle clients are not tracked
 
 
+@pytest.mark.timeout(30)
 def test_no_dispatch_before_ready_nor_to_unhealthy_or_loading() -> None:
     h = Harness()
     h.heartbeat(b"w1")  # unknown worker
@@ -301,6 +309,7 @@ def test_no_dispatch_before_ready_nor_to_unhealthy_or_loading() -> None:
     assert [d.request.id for d in h.dispatches(b"w1")] == ["r1"]
 
 
+@pytest.mark.timeout(30)
 def test_refusals_are_typed_and_change_nothing() -> None:
     h = Harness(queue_size=1)
     h.submit("r0")
@@ -327,6 +336,7 @@ def test_refusals_are_typed_and_change_nothing() -> None:
     assert h.status().queues == {"m": 1} and h.status().in_flight == 1
 
 
+@pytest.mark.timeout(30)
 def test_client_bad_input_is_answered_and_counted() -> None:
     h = Harness()
     h.core.on_client_frames([C1])
@@ -347,6 +357,7 @@ def test_client_bad_input_is_answered_and_counted() -> None:
     assert pong == Pong(at=3.5) and isinstance(status, StatusReply)
 
 
+@pytest.mark.timeout(30)
 def test_worker_bad_input_is_rejected_and_counted() -> None:
     h = Harness()
     h.core.on_worker_frames([b"w"])
@@ -363,6 +374,7 @@ def test_worker_bad_input_is_rejected_and_counted() -> None:
     assert c["bad_frames"] == 5 and c["wrong_version"] == 1 and c["workers"] == 0
 
 
+@pytest.mark.timeout(30)
 def test_deadline_in_queue_and_in_flight() -> None:
     h = Harness()
     h.ready(b"w1")
@@ -388,6 +400,7 @@ def test_deadline_in_queue_and_in_flight() -> None:
     assert c["late_chunks"] == 1 and c["late_terminals"] == 1 and c["deadline_exceeded"] == 2
 
 
+@pytest.mark.timeout(30)
 def test_cancelled_slot_is_freed_after_grace_if_worker_never_ends_it() -> None:
     h = Harness()
     h.ready(b"w1")
@@ -402,6 +415,7 @@ def test_cancelled_slot_is_freed_after_grace_if_worker_never_ends_it() -> None:
     assert [x.request.id for x in h.dispatches(b"w1")] == ["a", "b"]
 
 
+@pytest.mark.timeout(30)
 def test_worker_lost_requeues_unstarted_work_and_fails_started_work() -> None:
     h = Harness(max_attempts=2)
     h.ready(b"w1", slots=2)
@@ -427,6 +441,7 @@ def test_worker_lost_requeues_unstarted_work_and_fails_started_work() -> None:
     assert c["requeued"] == 1 and c["worker_lost"] == 2 and c["workers_lost"] == 2
 
 
+@pytest.mark.timeout(30)
 def test_requeued_work_goes_to_the_front_in_original_order() -> None:
     h = Harness()
     h.ready(b"w1", slots=2)
@@ -442,6 +457,7 @@ def test_requeued_work_goes_to_the_front_in_original_order() -> None:
     assert h.status().counters["workers_left"] == 1
 
 
+@pytest.mark.timeout(30)
 def test_undeliverable_dispatch_requeues_and_drops_the_worker() -> None:
     h = Harness()
     h.ready(b"w1")
@@ -455,6 +471,7 @@ def test_undeliverable_dispatch_requeues_and_drops_the_worker() -> None:
     assert h.dispatches(b"w3")[0].attempt == 1  # never delivered, so not an attempt
 
 
+@pytest.mark.timeout(30)
 def test_same_name_on_a_new_socket_replaces_the_old_registration() -> None:
     h = Harness()
     h.ready(b"sock-1", name="w")
@@ -464,6 +481,7 @@ def test_same_name_on_a_new_socket_replaces_the_old_registration() -> None:
     assert [d.request.id for d in h.dispatches(b"sock-2")] == ["a"]
 
 
+@pytest.mark.timeout(30)
 def test_client_disconnect_and_overflow_cancel_their_work() -> None:
     h = Harness()
     h.ready(b"w1", slots=3)
@@ -485,6 +503,7 @@ def test_client_disconnect_and_overflow_cancel_their_work() -> None:
     assert c["clients_gone"] == 1 and c["client_overflows"] == 1 and c["cancelled"] == 1
 
 
+@pytest.mark.timeout(30)
 def test_silent_client_is_dropped_but_pinging_client_is_not() -> None:
     h = Harness(client_liveness=5.0)
     h.ready(b"w1", slots=2)
@@ -500,6 +519,7 @@ def test_silent_client_is_dropped_but_pinging_client_is_not() -> None:
     assert "b" not in h.answers(C2)
 
 
+@pytest.mark.timeout(30)
 def test_model_without_workers_fails_queued_work_after_no_worker_timeout() -> None:
     h = Harness(no_worker_timeout=10.0, client_liveness=100.0)
     h.ready(b"w1")
@@ -515,6 +535,7 @@ def test_model_without_workers_fails_queued_work_after_no_worker_timeout() -> No
     assert h.last("b").code is ErrorCode.WORKER_LOST
 
 
+@pytest.mark.timeout(30)
 def test_queue_of_a_model_whose_workers_stay_unhealthy_fails_but_loading_waits() -> None:
     h = Harness(no_worker_timeout=5.0, client_liveness=100.0, heartbeat_liveness=100)
     h.ready(b"w1", health=Health.LOADING)
@@ -532,6 +553,7 @@ def test_queue_of_a_model_whose_workers_stay_unhealthy_fails_but_loading_waits()
     assert h.status().counters["no_healthy_worker"] == 1
 
 
+@pytest.mark.timeout(30)
 def test_bad_terminal_becomes_an_internal_error_for_the_right_id() -> None:
     h = Harness()
     h.ready(b"w1", slots=2)
@@ -546,6 +568,7 @@ def test_bad_terminal_becomes_an_internal_error_for_the_right_id() -> None:
     assert h.status().counters["bad_terminals"] == 2
 
 
+@pytest.mark.timeout(30)
 def test_pings_go_to_every_worker_each_interval() -> None:
     h = Harness()
     h.ready(b"w1")
@@ -558,6 +581,7 @@ def test_pings_go_to_every_worker_each_interval() -> None:
     assert len(h.sink.worker_msgs(b"w2", BrokerPing)) == 3
 
 
+@pytest.mark.timeout(30)
 def test_shutdown_answers_everything_pending() -> None:
     h = Harness()
     h.ready(b"w1")
@@ -593,6 +617,7 @@ ops = st.lists(
 )
 
 
+@pytest.mark.timeout(120)
 @settings(max_examples=400, deadline=None)
 @given(ops)
 def test_every_accepted_request_gets_exactly_one_final_answer(script: list[tuple]) -> None:
@@ -690,3 +715,17 @@ def check_invariants(h: Harness) -> None:
                 # (invalid_request here is the refusal of a duplicate id: the original
                 # request is still streaming)
                 next_seq.pop(msg.id, None)
+
+
+@pytest.mark.timeout(30)
+def test_core_parts_share_one_state() -> None:
+    """The collaborators keep nothing of their own: one BrokerState, seen by all."""
+    h = Harness()
+    core = h.core
+    assert core.flow.state is core.workers.state is core.timers.state is core.state
+    assert core.workers.flow is core.timers.flow is core.flow
+    assert core.on_chunk == core.workers.on_chunk  # the hot path, without a hop
+    h.ready(b"w1")
+    h.submit("r")
+    assert core.registry is core.state.registry and len(core.state.inflight) == 1
+    assert core.status().in_flight == 1 and core.counts is core.state.counts

@@ -6,6 +6,7 @@ The peers (tests/support/broker_peers.py) speak the real protocol with the real 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -559,3 +560,40 @@ def test_worker_restarted_with_same_identity_takes_over(broker: Proc, client: Fa
         again = next(m for m in new.received if isinstance(m, Dispatch))
         assert again.attempt == 2 and again.key != first.key
         assert [w.id for w in client.status().workers] == ["w"]
+
+
+@pytest.mark.timeout(60)
+def test_oversized_frames_are_dropped_on_both_sockets(broker: Proc, client: FakeClient) -> None:
+    """A 64 MiB frame (over the 16 MiB default MAXMSGSIZE) never reaches the broker's code:
+    libzmq drops the sender's connection at the frame's header instead of buffering it, and
+    the broker keeps serving, the sender's next message included."""
+    big = b"\xc1" * (64 * 2**20)  # not msgpack either: delivered, it would be a bad_frames
+    with FakeClient(broker.clients) as rogue:
+        rogue.send_frames([VERSION_FRAME, big])
+        rogue.ping()  # queued behind it; goes out once the DEALER has reconnected
+        assert isinstance(rogue.recv(timeout=20), Pong)  # the first answer: none for the frame
+    with FakeWorker(broker.workers, name="w1", model="m") as worker:
+        worker.send_frames([VERSION_FRAME, b"", big])
+        worker.ready()
+        wait_workers(client, 1, timeout=20)
+        client.submit("r")
+        dispatch = worker.expect(Dispatch, timeout=10)
+        worker.stream(dispatch.key, "r", 2)
+        chunks, final = client.result("r")
+        assert [c.text for c in chunks] == ["t0", "t1"] and isinstance(final, Final)
+    c = counters(client)
+    assert c["bad_frames"] == 0 and c["internal_errors"] == 0 and c["completed"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_configured_max_message_bytes_is_the_cap(tmp_path: Path) -> None:
+    """``limits.max_message_bytes`` sets the cap: over it is dropped, under it is delivered
+    (and, being garbage, answered and counted as such)."""
+    limits = json.dumps({"limits": {"max_message_bytes": 2**20}})
+    with start_broker(tmp_path, config_json=limits, **FAST) as broker, \
+            FakeClient(broker.clients) as rogue:
+        rogue.send_frames([VERSION_FRAME, b"\xc1" * (2 * 2**20)])  # over: never delivered
+        rogue.send_frames([VERSION_FRAME, b"\xc1" * 2**19])  # under: reaches the core
+        error = rogue.recv(timeout=20)
+        assert isinstance(error, Error) and error.code is ErrorCode.INVALID_REQUEST
+        assert counters(rogue)["bad_frames"] == 1

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import msgspec
 
+from tokenhive import transport
 from tokenhive.schemas.frames import (
     ROUTE_CONTROL,
     ROUTE_END,
@@ -67,8 +68,10 @@ def control(msg: WorkerMsg) -> list[bytes]:
 
 class BrokerConnection:
     def __init__(self, address: str, owner: ConnectionOwner, *, interval: float,
-                 liveness: int, reconnect_max: float) -> None:
-        self.link = BrokerLink(address, owner.worker_id.encode(), self._on_frames)
+                 liveness: int, reconnect_max: float,
+                 max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.link = BrokerLink(address, owner.worker_id.encode(), self._on_frames,
+                               max_message_bytes=max_message_bytes)
         self.owner = owner
         self.interval = interval
         self.silence_limit = interval * liveness

@@ -4,7 +4,8 @@ A broker that restarts forgets every peer; a socket that merely reconnects under
 its old pipe and queued messages. So on broker loss the runtime closes this socket and opens a
 new one (``open`` after ``close``) and registers again on it.
 
-Socket options, and why:
+The socket comes from ``tokenhive.transport`` (shared options: high-water marks,
+MAXMSGSIZE, TCP keepalive, linger). The worker's own choices, and why:
 
 * ``ROUTING_ID`` = the worker id, so the broker addresses the worker by name (and a restarted
   worker with the same id takes its place; the broker sets ROUTER_HANDOVER).
@@ -16,6 +17,8 @@ Socket options, and why:
 * ``LINGER`` = 0 on broker loss (whatever is queued is for a broker that is gone), a short
   linger on a deliberate exit so Goodbye gets out.
 * ``SNDHWM``/``RCVHWM`` high: a burst of chunks must not block a stream for long.
+* ``MAXMSGSIZE`` (``max_message_bytes``): a broker message bigger than that drops the
+  connection inside libzmq instead of being buffered here.
 * ``RECONNECT_IVL`` short with a capped backoff: zmq reconnects the transport by itself while
   the broker restarts, quickly at first.
 
@@ -39,28 +42,19 @@ from collections.abc import Callable
 
 import zmq
 
+from tokenhive import transport
+from tokenhive.transport import EVENTS, POLLIN, POLLOUT, recv_message, send_message
+
 log = logging.getLogger("tokenhive.worker.link")
 
-HWM = 100_000
+HWM = transport.DEFAULT_HWM
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2_000
 RECV_BATCH = 1_000  # messages handled per wake-up before yielding to the loop
 
-# The hot path sends with the backend's C-level ``send`` and plain-int flags: pyzmq's
+# The hot path sends with the socket's C-level ``send`` (transport.raw): pyzmq's
 # ``send_multipart`` spends ~8 us per 3-frame message in Python layers and IntFlag
-# arithmetic, this ~1 us (measured on this machine). A multipart message is atomic: if the
-# first frame is accepted, so are the rest, so Again can only come from the first frame.
-_raw_send = zmq.backend.Socket.send
-_DONTWAIT = int(zmq.DONTWAIT)
-_DONTWAIT_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
-
-
-def _send_now(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
-    """Send all ``frames`` or (raising zmq.Again) none of them."""
-    last = len(frames) - 1
-    for i in range(last):
-        _raw_send(sock, frames[i], _DONTWAIT_MORE)
-    _raw_send(sock, frames[last], _DONTWAIT)
+# arithmetic, this ~1 us (measured on this machine).
 
 
 class LinkDown(Exception):
@@ -69,13 +63,16 @@ class LinkDown(Exception):
 
 class BrokerLink:
     def __init__(self, address: str, identity: bytes,
-                 on_message: Callable[[list[bytes]], None], hwm: int = HWM) -> None:
+                 on_message: Callable[[list[bytes]], None], hwm: int = HWM,
+                 max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self.identity = identity
         self.on_message = on_message
         self.hwm = hwm
+        self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] | None = None
+        self._raw: transport.Raw | None = None  # the open socket's C-level methods
         self._fd = -1
         self._backlog: collections.deque[tuple[list[bytes], asyncio.Future[None]]] = (
             collections.deque())
@@ -89,20 +86,13 @@ class BrokerLink:
     def open(self) -> None:
         if self._sock is not None:
             raise RuntimeError("link already open")
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        try:
-            sock.connect(self.address)
-        except zmq.ZMQError:
-            sock.close(linger=0)  # a leaked socket would hang Context.term() at exit
-            raise
+        sock = transport.dealer(
+            self.ctx, hwm=self.hwm, max_message_bytes=self.max_message_bytes,
+            routing_id=self.identity, immediate=True, reconnect_ivl_ms=RECONNECT_IVL_MS,
+            reconnect_ivl_max_ms=RECONNECT_IVL_MAX_MS)
+        transport.connect(sock, self.address)
         self._sock = sock
+        self._raw = transport.raw(sock)
         self._fd = typing.cast(int, sock.getsockopt(zmq.FD))
         asyncio.get_running_loop().add_reader(self._fd, self._on_events)
         self.opened += 1
@@ -117,6 +107,7 @@ class BrokerLink:
             self._backlog.popleft()[1].cancel()
         self._sock.close(linger=linger_ms)
         self._sock = None
+        self._raw = None
 
     def terminate(self) -> None:
         self.close()
@@ -130,12 +121,12 @@ class BrokerLink:
         Returns None when the message went straight to the socket, else a future that
         completes when it does (cancel it to withdraw the message).
         """
-        sock = self._sock
-        if sock is None:
+        io = self._raw
+        if io is None:
             raise LinkDown("no broker socket")
         if not self._backlog:
             try:
-                _send_now(sock, frames)
+                send_message(io.send, frames)
             except zmq.Again:
                 pass
             else:
@@ -148,23 +139,24 @@ class BrokerLink:
 
     def send_or_drop(self, frames: list[bytes]) -> bool:
         """Send now or not at all (no connection / pipe full): for periodic messages."""
-        if self._sock is None or self._backlog:
+        io = self._raw
+        if io is None or self._backlog:
             return False
         try:
-            _send_now(self._sock, frames)
+            send_message(io.send, frames)
         except zmq.Again:
             return False
         self._poke()
         return True
 
     def _flush(self) -> None:
-        sock = self._sock
-        assert sock is not None
+        io = self._raw
+        assert io is not None
         while self._backlog:
             frames, future = self._backlog[0]
             if not future.done():  # a cancelled send is withdrawn, not sent
                 try:
-                    _send_now(sock, frames)
+                    send_message(io.send, frames)
                 except zmq.Again:
                     return
                 future.set_result(None)
@@ -188,18 +180,18 @@ class BrokerLink:
         # commands, so once it reports nothing actionable, any later change signals the FD.
         self._poke_pending = False
         handled = 0
-        while (sock := self._sock) is not None:
-            events = typing.cast(int, sock.getsockopt(zmq.EVENTS))
-            if self._backlog and events & zmq.POLLOUT:
+        while (io := self._raw) is not None:
+            events = io.get(EVENTS)
+            if self._backlog and events & POLLOUT:
                 self._flush()  # sends at least one message: progress
                 continue
-            if not events & zmq.POLLIN:
+            if not events & POLLIN:
                 return
             if handled >= RECV_BATCH:
                 self._poke()  # more is waiting: come back after others had a turn
                 return
             try:
-                frames = sock.recv_multipart(zmq.DONTWAIT)
+                frames = recv_message(io.recv)
             except zmq.Again:
                 continue
             handled += 1

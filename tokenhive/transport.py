@@ -1,0 +1,215 @@
+"""The ZeroMQ transport the broker, the worker and the client share.
+
+One place for how sockets are made and how messages cross them; the wire protocol (frames,
+codecs) lives in ``tokenhive.schemas.frames`` and knows nothing of sockets. Authentication,
+when it comes, is added to ``router`` / ``dealer`` here once.
+
+Sockets (``router`` for the broker's two sides, ``dealer`` for workers and clients), every
+option set before bind/connect because most apply only to pipes created afterwards:
+
+* ``SNDHWM``/``RCVHWM``: the high-water marks, in messages.
+* ``MAXMSGSIZE``: the largest frame a peer may send us, in bytes. A bigger one makes libzmq
+  drop that peer's connection as soon as the frame's header arrives, so a garbage or hostile
+  64 MiB frame is never buffered or handed to Python (the peer may reconnect; its earlier
+  complete messages are unaffected).
+* ``LINGER``: how long close() waits for unsent messages (0 unless said otherwise).
+* ``TCP_KEEPALIVE*``: kernel keepalive on tcp links, so a half-open connection (a peer
+  whose host vanished, a NAT that forgot us) is noticed even while no message is due.
+  Harmless on ipc and inproc.
+* ROUTER: ``ROUTER_MANDATORY`` (a send to an unknown or full peer raises EHOSTUNREACH /
+  EAGAIN instead of a silent drop) and ``ROUTER_HANDOVER`` (a reconnecting peer with a set
+  identity takes its old place).
+* DEALER: ``ROUTING_ID``, ``IMMEDIATE`` and the reconnect interval, when asked for.
+
+``bind`` accepts ``tcp://host:0`` for "any free port" and returns the endpoint actually
+bound (``LAST_ENDPOINT``), with the real port.
+
+I/O on the hot paths goes through the socket's C-level methods (``raw``), not pyzmq's
+Python wrappers: ``send_multipart``/``recv_multipart`` spend several microseconds per
+message in Python layers, IntFlag arithmetic and a RCVMORE query per frame. The helpers
+take those bound methods and plain-int flags:
+
+* ``send_pair`` / ``send_triple`` / ``send_message``: a whole multipart message or (raising
+  ``zmq.Again``) none of it. A multipart message is atomic: once its first frame is
+  accepted so are the rest, so ``zmq.Again`` can only come from the first frame (all are
+  sent NOBLOCK all the same: a surprise must raise, never hang the event loop).
+* ``recv_message`` (any socket) / ``recv_routed`` (a ROUTER, identity frame first): one
+  whole multipart message without blocking, ``zmq.Again`` if none. A zero-copy frame
+  carries the "more" bit itself, which is cheaper than asking RCVMORE after every frame.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import zmq
+
+DEFAULT_HWM = 100_000  # messages
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest inbound frame
+# Keepalive: first probe after this many idle seconds, then every INTVL s, CNT probes.
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTVL_S = 10
+KEEPALIVE_CNT = 3
+
+# Plain-int flags: IntFlag arithmetic costs more than the C call it decorates.
+NOBLOCK = int(zmq.NOBLOCK)
+NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
+
+_Socket = TypeVar("_Socket", bound=zmq.Socket[Any])
+_Backend = zmq.backend.Socket
+
+
+# -- sockets -------------------------------------------------------------------------------
+
+
+def _common(sock: zmq.Socket[Any], hwm: int, max_message_bytes: int, linger_ms: int) -> None:
+    if max_message_bytes <= 0:
+        raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
+
+
+def router(
+    ctx: zmq.Context[_Socket],
+    *,
+    hwm: int = DEFAULT_HWM,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    linger_ms: int = 0,
+) -> _Socket:
+    """A ROUTER that never drops silently (MANDATORY) and lets reconnecting peers in."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _common(sock, hwm, max_message_bytes, linger_ms)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    except BaseException:
+        sock.close(linger=0)  # a leaked socket would hang Context.term()
+        raise
+    return sock
+
+
+def dealer(
+    ctx: zmq.Context[_Socket],
+    *,
+    hwm: int = DEFAULT_HWM,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    linger_ms: int = 0,
+    routing_id: bytes | None = None,
+    immediate: bool = False,
+    reconnect_ivl_ms: int | None = None,
+    reconnect_ivl_max_ms: int | None = None,
+) -> _Socket:
+    """A DEALER with the shared options, plus the identity and reconnect policy asked for."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        _common(sock, hwm, max_message_bytes, linger_ms)
+        if routing_id is not None:
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        if immediate:
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+        if reconnect_ivl_ms is not None:
+            sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ivl_ms)
+        if reconnect_ivl_max_ms is not None:
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ivl_max_ms)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def bindable(address: str) -> str:
+    """``tcp://host:0`` means any free port; zmq spells that ``tcp://host:*``."""
+    if address.startswith("tcp://") and address.endswith(":0"):
+        return address[:-1] + "*"
+    return address
+
+
+def bind(sock: zmq.Socket[Any], address: str) -> str:
+    """Bind ``address`` (``tcp://host:0`` picks a free port); the endpoint actually bound."""
+    sock.bind(bindable(address))
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+    assert isinstance(endpoint, bytes)
+    return endpoint.decode()
+
+
+def connect(sock: zmq.Socket[Any], address: str) -> None:
+    """Connect, or close the socket and raise: a leaked socket would hang Context.term()."""
+    try:
+        sock.connect(address)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+
+
+# -- raw I/O -------------------------------------------------------------------------------
+
+
+class Raw(NamedTuple):
+    """A socket's C-level methods, bound: ``send(data, flags)``, ``recv(flags, copy=True)``,
+    ``get(option)``."""
+
+    send: Callable[..., Any]
+    recv: Callable[..., Any]
+    get: Callable[[int], Any]
+
+
+def raw(sock: zmq.Socket[Any]) -> Raw:
+    return Raw(
+        types.MethodType(_Backend.send, sock),
+        types.MethodType(_Backend.recv, sock),
+        types.MethodType(_Backend.get, sock),
+    )
+
+
+def send_pair(send: Callable[..., Any], first: bytes, second: bytes) -> None:
+    """Send ``[first, second]``, or nothing (zmq.Again) if the pipe is full."""
+    send(first, NOBLOCK_MORE)
+    send(second, NOBLOCK)
+
+
+def send_triple(send: Callable[..., Any], first: bytes, second: bytes, third: bytes) -> None:
+    """Send ``[first, second, third]``, or nothing (zmq.Again) if the pipe is full."""
+    send(first, NOBLOCK_MORE)
+    send(second, NOBLOCK_MORE)
+    send(third, NOBLOCK)
+
+
+def send_message(send: Callable[..., Any], frames: Sequence[bytes]) -> None:
+    """Send all ``frames`` (at least one), or none of them (zmq.Again)."""
+    last = len(frames) - 1
+    for i in range(last):
+        send(frames[i], NOBLOCK_MORE)
+    send(frames[last], NOBLOCK)
+
+
+def recv_message(recv: Callable[..., Any]) -> list[bytes]:
+    """One whole multipart message without blocking (zmq.Again if none is waiting)."""
+    frame = recv(NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = recv(NOBLOCK, copy=False)  # the rest of the message is already here
+        frames.append(frame.bytes)
+    return frames
+
+
+def recv_routed(recv: Callable[..., Any]) -> list[bytes]:
+    """``recv_message`` for a ROUTER: the identity frame needs no "more" check, a ROUTER
+    always delivers it with at least one frame after it."""
+    frames = [recv(NOBLOCK)]
+    frame = recv(NOBLOCK, copy=False)
+    frames.append(frame.bytes)
+    while frame.more:
+        frame = recv(NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
