@@ -45,6 +45,15 @@ CRASH_SIGNALS: dict[int, str] = {
 SIGILL_HINT = (
     "llama.cpp was built for CPU features this machine cannot run: see README, Troubleshooting"
 )
+# A -march=native build on an AMX-advertising VM was seen dying with SIGSEGV at model load, too.
+CRASH_HINT = (
+    "if it runs llama.cpp, it may have been built for CPU features this machine cannot run: "
+    "see README, Troubleshooting"
+)
+
+
+def crash_hint(rc: int) -> str:
+    return SIGILL_HINT if rc == -signal.SIGILL else CRASH_HINT
 
 
 def describe_exit(rc: int | None) -> str:
@@ -172,8 +181,8 @@ class Supervisor:
                                         "status": describe_exit(rc), "in_s": round(delay, 2)}
             if -rc in CRASH_SIGNALS:
                 extra["crashes_in_a_row"] = replica.crashes_before_ready
-                log.error("%s crashed: %s%s; restarting", replica.name, describe_exit(rc),
-                          f"; {SIGILL_HINT}" if rc == -signal.SIGILL else "", extra=extra)
+                log.error("%s crashed: %s; %s; restarting", replica.name, describe_exit(rc),
+                          crash_hint(rc), extra=extra)
             else:
                 log.warning("child exited; restarting", extra=extra)
             self._set(replica, State.BACKOFF)
@@ -191,10 +200,9 @@ class Supervisor:
         replica.crashes_before_ready += 1
         if replica.crashes_before_ready < self.crash_limit:
             return False
-        hint = f"; {SIGILL_HINT}" if rc == -signal.SIGILL else ""
         replica.reason = (
             f"worker crashed: {describe_exit(rc)} before it was ready, "
-            f"{replica.crashes_before_ready} times in a row{hint}"
+            f"{replica.crashes_before_ready} times in a row; {crash_hint(rc)}"
         )
         return True
 
