@@ -23,6 +23,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from typing import Any
 
 CHILD = r"""
 import json, sys, time
@@ -44,7 +45,7 @@ print(json.dumps({"prefill": prefill, "decode": decode, "text": out["choices"][0
 """
 
 
-def run_one(site: str | None, threads: int) -> dict[str, float] | str:
+def run_one(site: str | None, threads: int) -> dict[str, Any] | str:
     env = dict(os.environ)
     if site:
         env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
@@ -54,7 +55,7 @@ def run_one(site: str | None, threads: int) -> dict[str, float] | str:
         return f"killed by {signal.Signals(-proc.returncode).name}"
     if proc.returncode != 0:
         return f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
-    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -64,7 +65,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {"portable": [], "native": []}
+    runs: dict[str, list[dict[str, Any]]] = {"portable": [], "native": []}
     for r in range(args.rounds):
         for name, site in (("portable", None), ("native", args.native_site))[:: 1 if r % 2 else -1]:
             got = run_one(site, args.threads)
@@ -80,9 +81,10 @@ def main() -> int:
     for metric in ("prefill", "decode"):
         p = statistics.median(x[metric] for x in runs["portable"])
         n = statistics.median(x[metric] for x in runs["native"])
-        print(f"{metric}: portable {p:.1f} tok/s, native {n:.1f} tok/s, portable/native {p / n:.2f}")
-    same = runs["portable"][0]["text"] == runs["native"][0]["text"]  # type: ignore[comparison-overlap]
-    print("same text:", same)
+        print(f"{metric}: portable {p:.1f} tok/s, native {n:.1f} tok/s, "
+              f"portable/native {p / n:.2f}")
+    texts = [str(runs[name][0]["text"]) for name in ("portable", "native")]
+    print("same text:", texts[0] == texts[1])
     return 0
 
 
