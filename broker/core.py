@@ -35,7 +35,16 @@ from tokenhive.broker.worker_events import WorkerEvents
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import client_msg_decoder, encode
-from tokenhive.schemas.messages import Cancel, Ping, Pong, Request, StatusReply, Submit
+from tokenhive.schemas.messages import (
+    Cancel,
+    Health,
+    MarkModelFailed,
+    Ping,
+    Pong,
+    Request,
+    StatusReply,
+    Submit,
+)
 
 
 class BrokerCore:
@@ -142,12 +151,39 @@ class BrokerCore:
                     self.on_cancel(ident, msg.id)
                 elif isinstance(msg, Ping):
                     state.send_client(ident, encode(Pong(at=msg.at)))
+                elif isinstance(msg, MarkModelFailed):
+                    self.on_model_failed(msg.model, msg.reason)
                 else:
                     state.send_client(ident, encode(self.status()))
         self.flow.settle()
 
+    def on_model_failed(self, model: str, reason: str) -> None:
+        """Fail the model's queued requests now, and new ones on arrival, with the reason."""
+        state = self.state
+        if self._serving(model):
+            return  # a worker of it is up after all: nothing has failed for good
+        state.failed_models[model] = reason
+        queue = state.queues.get(model)
+        for job in list(queue) if queue is not None else []:
+            state.counts["model_failed"] += 1
+            self.flow.end(job, ErrorCode.MODEL_FAILED, reason)
+
+    def _serving(self, model: str) -> bool:
+        """A worker of the model that is up (not loading: a crashed one stays registered
+        until its heartbeats lapse, and one that is loading may crash like the others)."""
+        return any(w.model == model and w.health in (Health.OK, Health.DEGRADED)
+                   for w in self.state.registry)
+
     def on_submit(self, ident: bytes, request: Request) -> None:
         state = self.state
+        reason = state.failed_models.get(request.model)
+        if reason is not None:
+            if not self._serving(request.model):
+                state.counts["model_failed"] += 1
+                state.send_client(ident, wire.error_body(request.id, ErrorCode.MODEL_FAILED,
+                                                         reason))
+                return
+            del state.failed_models[request.model]  # a worker registered since
         client = state.clients.get(ident)
         deadline = admission.deadline_of(request, state.now, state.wall())
         queue = state.queues.get(request.model)

@@ -60,6 +60,8 @@ class BrokerState:
         # timer bookkeeping
         self.rereg_sent: dict[bytes, float] = {}  # unknown worker -> last Reregister sent
         self.stalled_since: dict[str, float] = {}  # model -> since when nobody can serve it
+        # model -> why its workers failed for good (from the supervisor; cleared on a Ready)
+        self.failed_models: dict[str, str] = {}
         self.last_ping = float("-inf")
         self.last_housekeeping = float("-inf")
 

@@ -23,6 +23,7 @@ COUNTERS = (
     "deadline_exceeded", # accepted, then its deadline passed (queued or in flight)
     "worker_lost",       # accepted, then failed because workers died
     "no_healthy_worker", # accepted, then failed: the model's workers stayed unhealthy
+    "model_failed",      # failed at once: the supervisor reported the model's workers failed
     "requeued",          # put back at the front after a worker died before streaming
     "dispatched",        # Dispatch messages sent
     "bad_frames",        # garbage on either socket: frame count, undecodable, not a version frame

@@ -23,7 +23,7 @@ from tokenhive.clients.retry import RetryPolicy
 from tokenhive.clients.stream import Stream
 from tokenhive.schemas.config import DEFAULT_CLIENTS
 from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Kind, Priority, Request, StatusReply
+from tokenhive.schemas.messages import Kind, MarkModelFailed, Priority, Request, StatusReply
 
 
 class AsyncClient:
@@ -121,6 +121,16 @@ class AsyncClient:
         to ``broker_timeout``."""
         limit = timeout if timeout is not None else self._conn.broker_timeout
         return await self._conn.status(limit)
+
+    async def mark_model_failed(
+        self, model: str, reason: str, timeout: float | None = None  # noqa: ASYNC109
+    ) -> StatusReply:
+        """For a pool supervisor: every worker of ``model`` failed for good. The broker fails
+        the model's queued and new requests at once with ``model_failed`` and ``reason``
+        until a worker of it registers. Returns the status that followed it on the same
+        socket, so the broker has applied it when this returns."""
+        self._conn.send(MarkModelFailed(model=model, reason=reason))
+        return await self.status(timeout)
 
     async def aclose(self) -> None:
         await self._conn.aclose()

@@ -229,6 +229,16 @@ class StatusQuery(msgspec.Struct, tag="status?"):
     pass
 
 
+class MarkModelFailed(msgspec.Struct, tag="model-failed"):
+    """From the pool supervisor: every worker of ``model`` failed for good (crashed before it
+    was ready K times in a row, or could not load). Until a worker of the model registers,
+    its queued and new requests fail at once with ``model_failed`` and this reason instead of
+    waiting for a worker that is not coming."""
+
+    model: str
+    reason: str
+
+
 class WorkerStatus(msgspec.Struct, omit_defaults=True):
     id: str
     model: str
@@ -253,7 +263,7 @@ class StatusReply(msgspec.Struct, tag="status", array_like=True):
     uptime_s: float = 0.0
 
 
-ClientMsg = Submit | Cancel | Ping | StatusQuery
+ClientMsg = Submit | Cancel | Ping | StatusQuery | MarkModelFailed
 BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +346,7 @@ BrokerToWorkerMsg = Dispatch | CancelWork | BrokerPing | Reregister | Rejected
 __all__ = [
     "BrokerPing", "BrokerToClientMsg", "BrokerToWorkerMsg", "Cancel", "CancelWork", "Chunk",
     "ClientMsg", "Dispatch", "Error", "Final", "Goodbye", "Health", "Heartbeat", "Kind",
-    "Message", "Ping", "Pong", "Priority", "PriorityLevel", "Ready", "Rejected", "Request",
-    "Reregister", "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit", "Timings",
-    "Usage", "WorkerMsg", "WorkerStatus", "validated",
+    "MarkModelFailed", "Message", "Ping", "Pong", "Priority", "PriorityLevel", "Ready", "Rejected",
+    "Request", "Reregister", "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit",
+    "Timings", "Usage", "WorkerMsg", "WorkerStatus", "validated",
 ]

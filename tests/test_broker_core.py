@@ -45,6 +45,7 @@ from tokenhive.schemas.messages import (
     Health,
     Heartbeat,
     Kind,
+    MarkModelFailed,
     Ping,
     Pong,
     Ready,
@@ -729,3 +730,31 @@ def test_core_parts_share_one_state() -> None:
     h.submit("r")
     assert core.registry is core.state.registry and len(core.state.inflight) == 1
     assert core.status().in_flight == 1 and core.counts is core.state.counts
+
+
+@pytest.mark.timeout(10)
+def test_a_model_marked_failed_fails_queued_and_new_requests_at_once_until_a_worker_is_up() -> None:
+    h = Harness(no_worker_timeout=30.0)
+    h.ready(b"w1", health=Health.LOADING)  # a gguf worker announces itself while loading...
+    h.submit("queued")
+    assert "queued" not in h.answers()  # ...so the request waits for it
+    reason = "every worker of model 'm' failed: worker crashed: SIGILL (illegal instruction)"
+    h.client(C2, MarkModelFailed(model="m", reason=reason))  # the supervisor gave up on it
+    err = h.last("queued")
+    assert isinstance(err, Error) and err.code == ErrorCode.MODEL_FAILED and err.message == reason
+    h.submit("new")  # no 30 s wait (no_worker_timeout): refused on arrival, with the reason
+    err = h.last("new")
+    assert isinstance(err, Error) and err.code == ErrorCode.MODEL_FAILED and "SIGILL" in err.message
+    assert h.status().counters["model_failed"] == 2
+    h.ready(b"w2", slots=1)  # a worker of the model is up again (a rebuild, a restart)
+    h.submit("after")
+    assert [d.request.id for d in h.dispatches(b"w2")] == ["after"]
+
+
+@pytest.mark.timeout(10)
+def test_marking_a_model_that_is_serving_changes_nothing() -> None:
+    h = Harness()
+    h.ready(b"w1", slots=1)
+    h.client(C2, MarkModelFailed(model="m", reason="stale report"))
+    h.submit("r1")
+    assert [d.request.id for d in h.dispatches(b"w1")] == ["r1"]

@@ -78,8 +78,10 @@ class PoolProcesses:
         self.run_dir = run_dir
         self.ready_file = run_dir / "broker.ready.json"
         self.supervisor = Supervisor(
-            backoff_base=backoff_base, backoff_max=config.restart_backoff_max
+            backoff_base=backoff_base, backoff_max=config.restart_backoff_max,
+            on_change=self._on_replica_change,
         )
+        self._reports: set[asyncio.Task[None]] = set()
         self.broker: Replica | None = None
         self.workers: list[tuple[AnyWorkerSpec, Replica]] = []
         self.endpoints: Endpoints | None = None
@@ -129,6 +131,28 @@ class PoolProcesses:
             if time.monotonic() >= deadline:
                 raise PoolStartError(f"workers not ready after {ready_timeout}s (see their logs)")
             await self._changed_or(0.2)
+
+    def _on_replica_change(self, replica: Replica) -> None:
+        """When every replica of a model has given up, tell the broker, so requests for it
+        fail at once with the reason instead of waiting for a worker that is not coming."""
+        if replica.state is not State.GAVE_UP or self.endpoints is None:
+            return
+        model = next((s.model for s, r in self.workers if r is replica), None)
+        if model is None:
+            return
+        if all(r.state is State.GAVE_UP for s, r in self.workers if s.model == model):
+            reason = f"every worker of model {model!r} failed: {replica.reason}"
+            task = asyncio.get_running_loop().create_task(
+                self._report_failed(self.endpoints.clients, model, reason))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _report_failed(self, address: str, model: str, reason: str) -> None:
+        try:
+            async with AsyncClient(address) as client:
+                await client.mark_model_failed(model, reason, timeout=5.0)
+        except TokenHiveError:  # the broker is gone too: nothing left to tell
+            pass
 
     async def stop(self, drain: float = 30.0) -> None:
         """Workers first (they drain, up to ``drain`` seconds), then the broker."""
