@@ -6,6 +6,7 @@ Real sockets in one process (tcp on 127.0.0.1 and inproc); nothing waits on a cl
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,49 @@ def test_broker_sockets_take_the_configured_limits() -> None:
         server.close(linger_ms=0)
     # the default cap is transport's default
     assert BrokerConfig().limits.max_message_bytes == transport.DEFAULT_MAX_MESSAGE_BYTES
+
+
+@pytest.mark.timeout(10)
+def test_a_live_ipc_socket_is_never_taken_over(
+    ctx: zmq.Context[zmq.Socket[bytes]], tmp_path: Path
+) -> None:
+    address = f"ipc://{tmp_path}/run/workers.sock"  # the directory does not exist yet
+    first_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()  # its own, to term() it below
+    first = transport.router(first_ctx)
+    try:
+        assert transport.bind(first, address) == address
+        assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700  # made private
+        second = transport.router(ctx)
+        try:
+            with pytest.raises(zmq.ZMQError, match="another process is listening"):
+                transport.bind(second, address)
+        finally:
+            second.close(linger=0)
+    finally:
+        first.close(linger=0)
+        first_ctx.term()  # returns once the listener is really closed
+    # the first broker is gone: a socket file left behind (a crash) is stale and reusable
+    Path(tmp_path / "run" / "workers.sock").unlink(missing_ok=True)
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(tmp_path / "run" / "workers.sock"))  # bound, never listening
+    leftover.close()
+    third = transport.router(ctx)
+    try:
+        assert transport.bind(third, address) == address
+    finally:
+        third.close(linger=0)
+
+
+@pytest.mark.timeout(10)
+def test_an_ipc_path_that_is_not_a_socket_is_refused(
+    ctx: zmq.Context[zmq.Socket[bytes]], tmp_path: Path
+) -> None:
+    squatted = tmp_path / "workers.sock"
+    squatted.write_text("not a socket")
+    sock = transport.router(ctx)
+    try:
+        with pytest.raises(zmq.ZMQError, match="not a socket"):
+            transport.bind(sock, f"ipc://{squatted}")
+        assert squatted.read_text() == "not a socket"  # untouched
+    finally:
+        sock.close(linger=0)

@@ -40,6 +40,10 @@ take those bound methods and plain-int flags:
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import stat
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -135,8 +139,40 @@ def bindable(address: str) -> str:
     return address
 
 
+def claim_ipc(address: str) -> None:
+    """Before binding ``ipc://PATH``: libzmq unlinks whatever is at PATH, so a second broker
+    would silently take a live socket from the first (and another user could squat a fixed
+    name in /tmp). Refuse a path where something is listening or that is not a socket; make
+    a missing parent directory private (0700) and refuse one that another user owns."""
+    if not address.startswith("ipc://") or address.startswith("ipc://@"):
+        return  # abstract namespace (Linux) has no file to steal
+    path = address[len("ipc://"):]
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    if hasattr(os, "getuid") and os.stat(parent).st_uid not in (os.getuid(), 0):
+        raise zmq.ZMQError(errno.EACCES, f"refusing to bind {address}: its directory "
+                           f"{parent} belongs to another user")
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise zmq.ZMQError(errno.EEXIST, f"refusing to bind {address}: {path} exists and is "
+                           "not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # stale: nobody listens; libzmq replaces it
+    finally:
+        probe.close()
+    raise zmq.ZMQError(errno.EADDRINUSE, f"refusing to bind {address}: another process is "
+                       "listening there (a second broker would take it over)")
+
+
 def bind(sock: zmq.Socket[Any], address: str) -> str:
-    """Bind ``address`` (``tcp://host:0`` picks a free port); the endpoint actually bound."""
+    """Bind ``address`` (``tcp://host:0`` picks a free port); the endpoint actually bound.
+    An ipc path is claimed first (``claim_ipc``)."""
+    claim_ipc(address)
     sock.bind(bindable(address))
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
     assert isinstance(endpoint, bytes)
