@@ -240,8 +240,6 @@ def test_broker_refuses_over_the_default_caps_by_name() -> None:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(strict=False, reason="needs the hook in broker/core.py: on_submit passes "
-                   "limits=state.cfg.limits to admission.refusal")
 def test_broker_applies_configured_limits() -> None:
     core, sink = core_with_worker(limits=Limits(max_stop=1))
     core.on_client_frames([b"c1", VERSION_FRAME, submit_body(sampling=Sampling(stop=["a", "b"]))])
