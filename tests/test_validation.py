@@ -380,12 +380,13 @@ def test_ten_thousand_invalid_priorities_do_not_stall_a_concurrent_stream(
     assert flood["named"] == 10_000
     # ... while the stream was running
     assert flooded[0] < flood["started"] and flood["done"] < flooded[-1]
-    # the stream complete and its pace kept: the largest gap between chunks stays within half
-    # a second of the calm run's. Measured on 2 loaded cores: calm 15-20 ms, flooded 80-140 ms
-    # (the broker drains client messages in batches of 2,000). Queueing the 10,000 distinct
-    # priorities instead costs the broker about 2 s, a stall this bound catches.
+    # the stream complete and its pace kept: the largest gap between chunks stays within a
+    # second of the calm run's. Measured on 2 cores: calm 15-20 ms, flooded 80-140 ms alone and
+    # up to 0.6 s with the rest of the suite's processes winding down (the broker drains client
+    # messages in batches of 2,000). Queueing the 10,000 distinct priorities instead costs the
+    # broker about 2 s of CPU, a stall this bound catches.
     assert len(flooded) == len(calm) == TOKENS
-    assert max_gap(flooded) < max_gap(calm) + 0.5, (max_gap(calm), max_gap(flooded))
+    assert max_gap(flooded) < max_gap(calm) + 1.0, (max_gap(calm), max_gap(flooded))
     # nothing else changed: two streams and one completion accepted, nothing left over
     c = status.counters
     assert c["accepted"] == 3 and c["completed"] == 3 and status.in_flight == 0
