@@ -1,19 +1,12 @@
 """The one DEALER socket a client shares between all its requests.
 
-It owns three things: the socket, a reader task that demultiplexes stream messages by
-request id into one queue per request, and a heartbeat task that pings the broker while
-anything is in flight. If the broker stays silent for ``broker_timeout`` seconds, every
-in-flight request receives a ``broker_unavailable`` Error, the socket is closed, and the next
-request opens a fresh one: a restarted broker is picked up by itself, and queued frames meant
-for the dead one are dropped instead of replayed.
-
-The same happens at once when the connection itself drops (a socket monitor reports it):
-ZeroMQ would reconnect by itself, but the broker on the other side (a restarted one, or the
-same one seeing a new peer identity) no longer knows our in-flight requests, and would keep
-answering our Pings while they wait forever.
-
-All of it runs on the event loop that first uses the connection; a connection is not shared
-between loops.
+It owns the socket, a reader that demultiplexes stream messages by request id into one queue
+per request, and a heartbeat task that pings the broker while anything is in flight. If the
+broker stays silent for ``broker_timeout`` seconds, or the socket monitor reports the link
+dropped (ZeroMQ would reconnect, but the broker on the other side no longer knows our
+requests), every in-flight request receives a ``broker_unavailable`` Error, the socket is
+closed, and the next request opens a fresh one: a restarted broker is picked up by itself.
+Everything runs on the event loop that first uses the connection.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from tokenhive import transport
-from tokenhive.clients.inbox import Inbox
+from tokenhive.clients.inbox import ConnectionStats, Inbox
 from tokenhive.schemas.errors import BrokerUnavailable, ErrorCode, InvalidRequest
 from tokenhive.schemas.frames import VERSION_FRAME, broker_to_client_decoder, encode, version_of
 from tokenhive.schemas.messages import (
@@ -55,14 +48,6 @@ RECV_BATCH = 1_000  # messages handled per wake-up before letting other callback
 # in the broker and the worker link, not through zmq.asyncio futures: those cost several
 # Python calls, IntFlag operations and a future per message, which was most of the client's
 # CPU per request. A send that would block (the high-water mark) waits in a backlog, in order.
-
-
-class ConnectionStats(msgspec.Struct):
-    received: int = 0
-    unknown_id: int = 0  # stream messages for ids not in flight here (late, or not ours)
-    bad_frames: int = 0  # undecodable, or another protocol version
-    broker_lost: int = 0  # times the broker went silent and the socket was replaced
-    sockets: int = 0  # sockets opened so far
 
 
 class Connection:

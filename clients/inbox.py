@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+import msgspec
+
 from tokenhive.schemas.messages import StreamMsg
 
 
@@ -58,3 +60,11 @@ class Inbox:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class ConnectionStats(msgspec.Struct):
+    received: int = 0
+    unknown_id: int = 0  # stream messages for ids not in flight here (late, or not ours)
+    bad_frames: int = 0  # undecodable, or another protocol version
+    broker_lost: int = 0  # times the broker went silent and the socket was replaced
+    sockets: int = 0  # sockets opened so far

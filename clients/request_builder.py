@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling, validated
+from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling
+from tokenhive.schemas.validation import validated
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 

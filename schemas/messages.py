@@ -19,14 +19,13 @@ admission.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 
 from tokenhive.schemas.errors import (
     RETRYABLE,
     ErrorCode,
-    InvalidRequest,
     TokenHiveError,
     error_class,
 )
@@ -107,30 +106,6 @@ class Request(msgspec.Struct, omit_defaults=True):
     deadline: float | None = None
     timeout: float | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-S = TypeVar("S", bound=msgspec.Struct)
-
-
-def validated(obj: S, name: str = "") -> S:
-    """``obj`` (built in Python, so unchecked) if it satisfies its type's constraints; else
-    ``InvalidRequest`` naming the field, under ``name`` if given (``sampling.top_p``)."""
-    try:
-        msgspec.convert(msgspec.to_builtins(obj), type(obj))
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid {field_message(exc, name)}") from None
-    return obj
-
-
-def field_message(exc: msgspec.ValidationError, root: str) -> str:
-    """msgspec's message with its path rooted at ``root``: "Expected `float` >= 0.0 - at
-    `$.temperature`" -> "sampling.temperature: Expected `float` >= 0.0"."""
-    text = str(exc)
-    what, sep, where = text.rpartition(" - at `$")
-    if not sep:
-        return f"{root}: {text}" if root else text
-    path = f"{root}{where.rstrip('`')}"
-    return f"{path.removeprefix('.')}: {what}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,5 +323,5 @@ __all__ = [
     "ClientMsg", "Dispatch", "Error", "Final", "Goodbye", "Health", "Heartbeat", "Kind",
     "MarkModelFailed", "Message", "Ping", "Pong", "Priority", "PriorityLevel", "Ready", "Rejected",
     "Request", "Reregister", "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit",
-    "Timings", "Usage", "WorkerMsg", "WorkerStatus", "validated",
+    "Timings", "Usage", "WorkerMsg", "WorkerStatus",
 ]

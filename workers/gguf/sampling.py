@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import llama_cpp
 
-from tokenhive.schemas.messages import Sampling, validated
+from tokenhive.schemas.messages import Sampling
+from tokenhive.schemas.validation import validated
 
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
