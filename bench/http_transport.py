@@ -34,6 +34,7 @@ import httpx
 import msgspec
 import uvloop
 
+from bench.remote import KeepAliveProtocol
 from tokenhive.workers.backends.http.sse import iter_sse
 from tokenhive.workers.backends.http.transport import LeanHTTPTransport
 
@@ -57,32 +58,17 @@ def sse_events(events: int) -> list[bytes]:
     return chunks
 
 
-class PacedProtocol(asyncio.Protocol):
-    """HTTP/1.1 keep-alive; a complete request gets the head, then one chunk per tick."""
+class PacedProtocol(KeepAliveProtocol):
+    """A complete request gets the head, then one chunk per tick."""
 
     def __init__(self, chunks: list[bytes], interval: float) -> None:
+        super().__init__()
         self.chunks, self.interval = chunks, interval
-        self.buf = b""
-        self.transport: asyncio.WriteTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            length = 0
-            for line in self.buf[:end].split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(self.buf) < end + 4 + length:
-                return
-            self.buf = self.buf[end + 4 + length:]
-            assert self.transport is not None
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                 b"transfer-encoding: chunked\r\n\r\n")
-            self._send(0)
+    def respond(self, transport: asyncio.WriteTransport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n")
+        self._send(0)
 
     def _send(self, i: int) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -62,11 +62,10 @@ def sse_reply(tokens: int) -> bytes:
     return head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
 
-class FixedReplyProtocol(asyncio.Protocol):
-    """HTTP/1.1 keep-alive; every complete request gets ``reply``."""
+class KeepAliveProtocol(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive server side: ``respond()`` once per complete request."""
 
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
+    def __init__(self) -> None:
         self.buf = b""
         self.transport: asyncio.WriteTransport | None = None
 
@@ -85,7 +84,21 @@ class FixedReplyProtocol(asyncio.Protocol):
                 return
             self.buf = self.buf[end + 4 + length:]
             assert self.transport is not None
-            self.transport.write(self.reply)
+            self.respond(self.transport)
+
+    def respond(self, transport: asyncio.WriteTransport) -> None:
+        raise NotImplementedError
+
+
+class FixedReplyProtocol(KeepAliveProtocol):
+    """Every complete request gets ``reply``."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
+
+    def respond(self, transport: asyncio.WriteTransport) -> None:
+        transport.write(self.reply)
 
 
 async def serve(tokens: int) -> None:

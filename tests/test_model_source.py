@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.log_lines import LogLines
 from tests.support.range_file_server import RangeFileServer
 from tokenhive.logs import JsonFormatter, redact_url, redact_urls
 from tokenhive.schemas.config import GGUFSpec
@@ -254,20 +255,10 @@ SIGNED_QUERY = "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeefcafe&sig=s
 SIGNED_PARTS = ("AKIAEXAMPLE", "deadbeefcafe", "s1gn", "t0ken", "X-Amz", "pa55word", "?")
 
 
-class _Lines(logging.Handler):
-    def __init__(self, formatter: logging.Formatter) -> None:
-        super().__init__(logging.DEBUG)
-        self.setFormatter(formatter)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
 @pytest.fixture
-def download_logs() -> Iterator[list[_Lines]]:
+def download_logs() -> Iterator[list[LogLines]]:
     """Every record of the download and HTTP loggers, as JSON lines and as plain text."""
-    handlers = [_Lines(JsonFormatter()), _Lines(logging.Formatter("%(name)s %(message)s"))]
+    handlers = [LogLines(JsonFormatter()), LogLines(logging.Formatter("%(name)s %(message)s"))]
     loggers = [logging.getLogger(n) for n in ("tokenhive.workers.models", "httpx", "httpcore")]
     saved = [(lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
@@ -286,7 +277,7 @@ def download_logs() -> Iterator[list[_Lines]]:
 
 
 def test_signed_url_never_reaches_logs_or_errors(
-    cache: Path, tiny_bytes: bytes, download_logs: list[_Lines]
+    cache: Path, tiny_bytes: bytes, download_logs: list[LogLines]
 ) -> None:
     half = len(tiny_bytes) // 2
     with RangeFileServer(tiny_bytes, cut_first_after=half) as srv:

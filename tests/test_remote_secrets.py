@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from tests.support.fake_http import FakeHTTPServer, Reply, sse, sse_reply
+from tests.support.log_lines import LogLines
 from tokenhive.logs import JsonFormatter
 from tokenhive.schemas.config import AnthropicSpec, AzureSpec, OpenAISpec
 from tokenhive.schemas.errors import ModelLoadFailed, TokenHiveError
@@ -195,21 +196,11 @@ async def test_no_key_in_logs_errors_status_or_wire(
 # -- the JSON formatter scrubs whole records ---------------------------------------------------
 
 
-class _Lines(logging.Handler):
-    def __init__(self, formatter: logging.Formatter) -> None:
-        super().__init__(logging.DEBUG)
-        self.setFormatter(formatter)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
 @pytest.fixture
-def json_log() -> Iterator[tuple[logging.Logger, _Lines]]:
+def json_log() -> Iterator[tuple[logging.Logger, LogLines]]:
     """A fresh logger writing JSON lines through JsonFormatter only."""
     logger = logging.getLogger(f"tokenhive.test.json.{uuid.uuid4().hex}")
-    handler = _Lines(JsonFormatter())
+    handler = LogLines(JsonFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -235,7 +226,7 @@ class _Detail(msgspec.Struct):
 
 
 def test_json_formatter_scrubs_message_and_every_extra_field(
-        json_log: tuple[logging.Logger, _Lines]) -> None:
+        json_log: tuple[logging.Logger, LogLines]) -> None:
     logger, out = json_log
     value = Secret(f"sk-extra-{uuid.uuid4().hex}", "test").reveal()
     logger.info("calling with %s", value, extra={
@@ -260,7 +251,7 @@ def test_json_formatter_scrubs_message_and_every_extra_field(
 
 
 def test_json_formatter_scrubs_tracebacks_and_stacks(
-        json_log: tuple[logging.Logger, _Lines]) -> None:
+        json_log: tuple[logging.Logger, LogLines]) -> None:
     logger, out = json_log
     value = Secret(f"sk-exc-{uuid.uuid4().hex}", "test").reveal()
     try:
@@ -285,7 +276,7 @@ def test_log_guard_scrubs_tracebacks_and_cuts_urls_for_any_formatter() -> None:
     install_log_guard()
     value = Secret(f"sk-guard-{uuid.uuid4().hex}", "test").reveal()
     logger = logging.getLogger("httpx")
-    handler = _Lines(logging.Formatter("%(name)s %(message)s"))
+    handler = LogLines(logging.Formatter("%(name)s %(message)s"))
     saved = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
