@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tokenhive.schemas import config, frames
 from tokenhive.schemas import messages as m
 from tokenhive.schemas.errors import RETRYABLE, ErrorCode, TokenHiveError, error_class
+from tokenhive.schemas.validation import validated
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -163,7 +164,7 @@ def test_out_of_range_sampling_does_not_decode_and_names_the_field(
     with pytest.raises(msgspec.ValidationError, match=rf"`\$\.request\.sampling\.{field}`"):
         frames.client_msg_decoder.decode(body)
     with pytest.raises(TokenHiveError, match=rf"sampling\.{field}"):  # built in Python
-        m.validated(m.Sampling(**{field: value}), "sampling")  # type: ignore[arg-type]
+        validated(m.Sampling(**{field: value}), "sampling")  # type: ignore[arg-type]
 
 
 @settings(max_examples=200)
