@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.gguf
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.remote
+	$(BIN)/python -m bench.http_transport
 
 clean:
 	rm -rf $(VENV) build out *.egg-info .pytest_cache .mypy_cache .ruff_cache
