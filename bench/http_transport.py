@@ -34,7 +34,7 @@ import httpx
 import msgspec
 import uvloop
 
-from bench.remote import KeepAliveProtocol
+from bench.remote import KeepAliveProtocol, with_upstream
 from tokenhive.workers.backends.http.sse import iter_sse
 from tokenhive.workers.backends.http.transport import LeanHTTPTransport
 
@@ -174,16 +174,9 @@ def main() -> int:
     if args.serve:
         uvloop.run(serve(args.events, args.interval_ms / 1000))
         return 0
-    server = subprocess.Popen(
+    summary = with_upstream(
         [sys.executable, "-m", "bench.http_transport", "--serve", "--events", str(args.events),
-         "--interval-ms", str(args.interval_ms)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        summary = uvloop.run(bench(args, f"http://127.0.0.1:{port}"))
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+         "--interval-ms", str(args.interval_ms)], lambda url: bench(args, url))
     print(json.dumps(summary, indent=2))
     return 0
 

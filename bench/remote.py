@@ -29,8 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -223,6 +224,21 @@ def _median(runs: list[Stats]) -> Stats:
     return sorted(runs, key=lambda s: s.rate)[len(runs) // 2]
 
 
+def with_upstream(
+    serve_argv: list[str], run: Callable[[str], Coroutine[Any, Any, dict[str, object]]]
+) -> dict[str, object]:
+    """Start the upstream in its own process (it prints its port), run the bench against it."""
+    server = subprocess.Popen(serve_argv, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        return uvloop.run(run(f"http://127.0.0.1:{port}"))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="per concurrent run")
@@ -235,15 +251,8 @@ def main() -> int:
     if args.serve:
         uvloop.run(serve(args.tokens))
         return 0
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "--tokens", str(args.tokens)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        summary = uvloop.run(bench(args, f"http://127.0.0.1:{port}"))
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    summary = with_upstream([sys.executable, __file__, "--serve", "--tokens", str(args.tokens)],
+                            lambda url: bench(args, url))
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:

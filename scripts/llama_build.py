@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,12 +113,15 @@ def build(spec: str, pip: str, args: list[str]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, CMAKE_ARGS=" ".join(args), FORCE_CMAKE="1")
     print(f"llama_build: building {spec} with CMAKE_ARGS={env['CMAKE_ARGS']}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+    tmp = tempfile.mkdtemp(dir=folder.parent)
+    try:
         subprocess.run([pip, "wheel", "--no-deps", "--no-cache-dir", "-w", tmp, spec],
                        env=env, check=True)
         (Path(tmp) / "args.json").write_text(json.dumps(args))
         os.replace(tmp, folder)  # atomic: a half-built folder is never seen as done
-        os.mkdir(tmp)  # TemporaryDirectory wants something to remove
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return sorted(folder.glob("*.whl"))[-1]
 
 

@@ -148,6 +148,26 @@ def test_up_serves_restarts_a_dead_worker_and_stops_cleanly(
 
 
 @pytest.mark.timeout(60)
+def test_up_without_a_worker_endpoint_uses_a_private_socket_per_run(tmp_path: Path) -> None:
+    """No fixed /tmp path another user could squat or a second `up` could take over: the
+    workers meet the broker in this run's own 0700 directory."""
+    up = UpProcess(["--backend", "echo", "--model", "m", "--clients", "tcp://127.0.0.1:0"],
+                   tmp_path / "up.stderr")
+    try:
+        address = up.expect("clients connect to").rsplit(" ", 1)[-1]
+        up.expect("workers ready")
+        with Client(address) as client:
+            (worker,) = client.status().workers
+        pid = int(worker.id.rsplit("-", 1)[1])  # echo workers are named MODEL-PID
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        endpoint = argv[argv.index(b"--broker") + 1].decode()
+        run_dir = Path(endpoint.removeprefix("ipc://")).parent
+        assert run_dir.name.startswith("tokenhive-up-") and run_dir.stat().st_mode & 0o077 == 0
+    finally:
+        assert up.stop() == 0
+
+
+@pytest.mark.timeout(60)
 def test_up_gives_up_on_a_worker_whose_model_fails_to_load(tmp_path: Path) -> None:
     config = tmp_path / "pool.toml"
     config.write_text(

@@ -35,7 +35,7 @@ from tokenhive.clients.pool.options import (
 )
 from tokenhive.clients.pool.pool import PoolProcesses
 from tokenhive.clients.pool.supervisor import State
-from tokenhive.schemas.config import DEFAULT_WORKERS
+from tokenhive.schemas.config import DEFAULT_WORKERS, PoolConfig
 from tokenhive.schemas.errors import TokenHiveError
 
 log = logging.getLogger("tokenhive.up")
@@ -63,13 +63,18 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     level = args.log_level or config.log_level
     with tempfile.TemporaryDirectory(prefix="tokenhive-up-") as run_dir:
-        if config.broker.workers == DEFAULT_WORKERS:
-            # Our own workers only: a socket in this run's private 0700 directory, so two
-            # `tokenhive up` never share (or steal) one.
-            broker = msgspec.structs.replace(config.broker, workers=f"ipc://{run_dir}/workers.sock")
-            config = msgspec.structs.replace(config, broker=broker)
+        config = with_private_worker_socket(config, Path(run_dir))
         processes = PoolProcesses(config, run_dir=Path(run_dir), log_level=level)
         return run_async(_serve(processes, args), level)
+
+
+def with_private_worker_socket(config: PoolConfig, run_dir: Path) -> PoolConfig:
+    """Unless told otherwise, our own workers only meet the broker in this run's private
+    (0700) directory, so two `tokenhive up` never share, or steal, one socket."""
+    if config.broker.workers != DEFAULT_WORKERS:
+        return config
+    broker = msgspec.structs.replace(config.broker, workers=f"ipc://{run_dir}/workers.sock")
+    return msgspec.structs.replace(config, broker=broker)
 
 
 async def _serve(processes: PoolProcesses, args: argparse.Namespace) -> int:
