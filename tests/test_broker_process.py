@@ -570,7 +570,8 @@ def test_oversized_frames_are_dropped_on_both_sockets(broker: Proc, client: Fake
     big = b"\xc1" * (64 * 2**20)  # not msgpack either: delivered, it would be a bad_frames
     with FakeClient(broker.clients) as rogue:
         rogue.send_frames([VERSION_FRAME, big])
-        rogue.ping()  # queued behind it; goes out once the DEALER has reconnected
+        rogue.wait_reconnected()  # a message sent earlier could go down with the connection
+        rogue.ping()
         assert isinstance(rogue.recv(timeout=20), Pong)  # the first answer: none for the frame
     with FakeWorker(broker.workers, name="w1", model="m") as worker:
         worker.send_frames([VERSION_FRAME, b"", big])
@@ -593,6 +594,7 @@ def test_configured_max_message_bytes_is_the_cap(tmp_path: Path) -> None:
     with start_broker(tmp_path, config_json=limits, **FAST) as broker, \
             FakeClient(broker.clients) as rogue:
         rogue.send_frames([VERSION_FRAME, b"\xc1" * (2 * 2**20)])  # over: never delivered
+        rogue.wait_reconnected()
         rogue.send_frames([VERSION_FRAME, b"\xc1" * 2**19])  # under: reaches the core
         error = rogue.recv(timeout=20)
         assert isinstance(error, Error) and error.code is ErrorCode.INVALID_REQUEST

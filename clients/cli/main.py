@@ -7,8 +7,10 @@
     tokenhive generate  one raw completion, streamed to the terminal
     tokenhive status    the pool as the broker sees it
     tokenhive batch     an OpenAI Batch API file through the pool (resumable)
+    tokenhive serve     the OpenAI-compatible HTTP API (and Files/Batches) onto the pool
+    tokenhive sidecar   llmkit's stdio JSON-RPC sidecar onto the pool
 
-``chat``, ``generate`` and ``batch`` use a running broker with ``--broker ADDR``; without it
+``chat``, ``generate``, ``batch``, ``serve`` and ``sidecar`` use a running broker with ``--broker ADDR``; without it
 they start a local pool for the length of the command.
 """
 
@@ -28,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tokenhive.clients.cli.chat", "send a raw completion; stream the answer"),
     "status": ("tokenhive.clients.cli.status", "show workers, queues and counters"),
     "batch": ("tokenhive.clients.cli.batch", "run an OpenAI Batch API JSONL file"),
+    "serve": ("tokenhive.clients.http.command", "serve the OpenAI-compatible HTTP API"),
+    "sidecar": ("tokenhive.clients.sidecar.command", "the llmkit stdio JSON-RPC sidecar"),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import (
@@ -269,8 +270,25 @@ class FakeClient:
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         if identity is not None:
             self.sock.setsockopt(zmq.IDENTITY, identity)
+        # The monitor lets a test wait for "the broker dropped us and we reconnected"
+        # instead of guessing how long that takes.
+        self._monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(address)
         self._held: deque[BrokerToClientMsg] = deque()
+
+    def wait_reconnected(self, timeout: float = 20.0) -> None:
+        """Block until the broker has dropped this connection and the DEALER has made a new
+        one: a message sent after this cannot be lost with the dropped connection's buffers."""
+        deadline = time.monotonic() + timeout
+        wanted = [zmq.EVENT_DISCONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED]
+        while wanted:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._monitor.poll(timeout=int(left * 1000)):
+                raise TimeoutError(f"client: no {zmq.Event(wanted[0]).name} in {timeout}s")
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == wanted[0]:
+                wanted.pop(0)
 
     def send_frames(self, frames: list[bytes]) -> None:
         self.sock.send_multipart(frames)
@@ -354,6 +372,9 @@ class FakeClient:
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        with contextlib.suppress(zmq.ZMQError):
+            self._monitor.close(linger=0)
             self.sock.close(linger=0)
 
     def __enter__(self) -> FakeClient:

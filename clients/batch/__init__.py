@@ -1,0 +1,1 @@
+"""The Batch job engine shared by `tokenhive batch` and the HTTP Batches API."""

@@ -1,0 +1,1 @@
+"""`tokenhive serve`: the OpenAI-compatible HTTP front door onto the pool."""

@@ -1,0 +1,1 @@
+"""`tokenhive sidecar`: llmkit's stdio JSON-RPC sidecar onto the pool."""
