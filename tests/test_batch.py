@@ -13,8 +13,8 @@ import pytest
 from tests.support.procs import Proc, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
 from tokenhive.clients import Client
+from tokenhive.clients.batch.openai_format import parse_item
 from tokenhive.clients.cli.main import main
-from tokenhive.clients.cli.openai_batch import parse_item
 from tokenhive.schemas.errors import InvalidRequest
 
 

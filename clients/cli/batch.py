@@ -10,6 +10,10 @@
 - Model: ``--model`` overrides every line's ``body.model``. With a local pool (no
   ``--broker``), a line naming a model the pool does not serve goes to the pool's model, so
   a file written for another provider runs as is; against a broker, ``body.model`` is used.
+- One run per output: a second ``tokenhive batch`` on the same OUT while one runs is refused
+  (exit 2); ``OUT.lock`` beside it is the lock.
+- Ctrl-C stops cleanly: requests in flight are cancelled (their lines are not written, so a
+  rerun runs them), one summary line is printed, exit status 130.
 - Exit status: 0 when every line has succeeded (now or before), 1 when some failed.
 """
 
@@ -19,33 +23,28 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from pathlib import Path
-from typing import IO, Any
 
 from tqdm import tqdm
 
 from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.batch.engine import BatchEngine
+from tokenhive.clients.batch.openai_format import BatchItem, custom_id_of, parse_item
+from tokenhive.clients.batch.output_file import OutputFile, OutputLocked
 from tokenhive.clients.cli.common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     add_log_level,
     report,
     run_async,
 )
-from tokenhive.clients.cli.openai_batch import (
-    BatchItem,
-    custom_id_of,
-    error_line,
-    parse_item,
-    success_line,
-)
 from tokenhive.clients.cli.target import Target, add_target_arguments, open_target, resolve_model
 from tokenhive.clients.pool.options import ConfigError
-from tokenhive.clients.retry import RetryPolicy
-from tokenhive.schemas.errors import InternalError, InvalidRequest, TokenHiveError
-from tokenhive.schemas.messages import Kind
+from tokenhive.clients.retry import NO_RETRY, RetryPolicy
+from tokenhive.schemas.errors import InvalidRequest, TokenHiveError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,25 +70,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         print(f"tokenhive batch: no such file: {args.input}", file=sys.stderr)
         return EXIT_USAGE
-    return run_async(_main(args), args.log_level)
-
-
-def done_ids(output: Path) -> set[str]:
-    """custom_ids that already have a success line in ``output``."""
-    done: set[str] = set()
-    if not output.exists():
-        return done
-    with output.open(encoding="utf-8") as f:
-        for text in f:
-            try:
-                line = json.loads(text)
-            except ValueError:
-                continue  # a line cut short by a crash: its request runs again
-            response = line.get("response") if isinstance(line, dict) else None
-            if isinstance(response, dict) and response.get("status_code") == 200:
-                if (cid := custom_id_of(line)) is not None:
-                    done.add(cid)
-    return done
+    output = OutputFile(args.output)
+    try:
+        output.lock()
+    except OutputLocked as exc:
+        print(f"tokenhive batch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run_async(_main(args, output), args.log_level)
+    finally:
+        output.unlock()
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, object]]:
@@ -104,57 +94,36 @@ def read_lines(path: Path) -> Iterator[tuple[int, object]]:
                 yield number, InvalidRequest(f"line {number}: not valid JSON: {exc}")
 
 
-class BatchRun:
-    def __init__(self, args: argparse.Namespace, out: IO[str], progress: tqdm[Any]) -> None:
-        self.args = args
-        self.out = out
-        self.progress = progress
-        self.succeeded = self.failed = 0
-
-    def write(self, line: dict[str, Any], ok: bool) -> None:
-        self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self.out.flush()
-        if ok:
-            self.succeeded += 1
-        else:
-            self.failed += 1
-        self.progress.update(1)
-
-    async def run_one(self, client: AsyncClient, item: BatchItem) -> None:
-        try:
-            result = await client.execute(item.request)
-            if item.request.kind is Kind.EMBEDDING and (
-                result.embeddings is None or len(result.embeddings) != len(item.request.input)
-            ):
-                raise InternalError(f"expected {len(item.request.input)} embeddings from "
-                                    f"worker {result.worker!r}")
-        except TokenHiveError as exc:
-            self.write(error_line(item.custom_id, exc), ok=False)
-        except Exception as exc:  # a bug must cost one line, not the batch
-            self.write(error_line(item.custom_id, InternalError(repr(exc))), ok=False)
-        else:
-            self.write(success_line(item, result), ok=True)
-
-
-async def _main(args: argparse.Namespace) -> int:
-    done = done_ids(args.output)
+async def _main(args: argparse.Namespace, output: OutputFile) -> int:
+    done = output.done_ids()
     todo = sum(1 for _, line in read_lines(args.input) if custom_id_of(line) not in done)
+    engine: BatchEngine | None = None
     try:
         async with open_target(args) as target:
-            policy = RetryPolicy(max_attempts=args.max_attempts)
             async with AsyncClient(target.address, broker_timeout=args.broker_timeout,
-                                   retry=policy) as client:
+                                   retry=NO_RETRY) as client:
                 model_for = await _model_chooser(client, args, target)
-                batch = await _run_batch(args, client, done, todo, model_for)
+                engine = BatchEngine(client, output, concurrency=args.concurrency,
+                                     retry=RetryPolicy(max_attempts=args.max_attempts))
+                await _run_batch(args, engine, output, done, todo, model_for)
+    except asyncio.CancelledError:  # Ctrl-C: asyncio.Runner cancelled us; in-flight work is
+        succeeded, failed = _counts(engine)  # cancelled and the output closed by now
+        print(f"tokenhive batch: interrupted: {succeeded} succeeded, {failed} failed, "
+              f"{todo - succeeded - failed} not run; rerun to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         print(f"tokenhive batch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TokenHiveError as exc:
         return report(exc, "batch")
-    skipped = len(done)
-    print(f"tokenhive batch: {batch.succeeded} succeeded, {batch.failed} failed, "
-          f"{skipped} already done -> {args.output}", file=sys.stderr)
-    return EXIT_OK if batch.failed == 0 else EXIT_FAILED
+    succeeded, failed = _counts(engine)
+    print(f"tokenhive batch: {succeeded} succeeded, {failed} failed, "
+          f"{len(done)} already done -> {args.output}", file=sys.stderr)
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _counts(engine: BatchEngine | None) -> tuple[int, int]:
+    return (engine.succeeded, engine.failed) if engine is not None else (0, 0)
 
 
 async def _model_chooser(
@@ -182,17 +151,12 @@ async def _model_chooser(
 
 
 async def _run_batch(
-    args: argparse.Namespace, client: AsyncClient, done: set[str], todo: int,
-    model_for: Callable[[str | None], str | None],
-) -> BatchRun:
+    args: argparse.Namespace, engine: BatchEngine, output: OutputFile, done: set[str],
+    todo: int, model_for: Callable[[str | None], str | None],
+) -> None:
     disable = args.no_progress or not sys.stderr.isatty()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    _end_with_newline(args.output)
-    with args.output.open("a", encoding="utf-8") as out, \
-            tqdm(total=todo, file=sys.stderr, disable=disable, unit="req") as progress:
-        batch = BatchRun(args, out, progress)
-        slots = asyncio.Semaphore(args.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
+
+    async def items() -> AsyncIterator[tuple[Hashable, BatchItem]]:
         seen: set[str] = set()
         for number, line in read_lines(args.input):
             cid = custom_id_of(line)
@@ -205,24 +169,11 @@ async def _run_batch(
                     raise InvalidRequest(f"line {number}: duplicate custom_id {cid!r}")
                 item = parse_item(line, model_for, args.timeout)
             except InvalidRequest as exc:
-                batch.write(error_line(cid, exc), ok=False)
+                await engine.record_invalid(number, cid, exc)
                 continue
             seen.add(item.custom_id)
-            await slots.acquire()
-            task = asyncio.create_task(batch.run_one(client, item))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            task.add_done_callback(lambda _: slots.release())
-        await asyncio.gather(*tasks)
-    return batch
+            yield number, item
 
-
-def _end_with_newline(path: Path) -> None:
-    """A previous run killed mid-write may have left a partial last line: close it off, so
-    the next line appended starts on a line of its own."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, 2)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
+    with output, tqdm(total=todo, file=sys.stderr, disable=disable, unit="req") as progress:
+        output.progress = progress
+        await engine.run(items())
