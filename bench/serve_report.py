@@ -1,0 +1,110 @@
+"""Printing, comparing and plotting the summaries of a serving bench run."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+from bench.serve_metrics import Summary
+
+
+def table(rows: list[Summary]) -> str:
+    head = (f"{'system':<14}{'load':<17}{'ok':>5}{'fail':>5}{'req/s':>8}{'tok/s':>8}"
+            f"{'good/s':>8}{'TTFT p50/p90/p99 ms':>24}{'TPOT p50/p99':>15}{'ITL p50/p99':>15}"
+            f"{'E2E p50/p99 ms':>18}")
+    lines = [head]
+    for s in rows:
+        t, p, i, e = s.ttft_ms, s.tpot_ms, s.itl_ms, s.e2e_ms
+        lines.append(
+            f"{s.system:<14}{s.load:<17}{s.completed:>5}{s.failed:>5}"
+            f"{s.request_throughput:>8.2f}{s.output_throughput:>8.1f}{s.goodput:>8.2f}"
+            f"{t['p50']:>10.1f}/{t['p90']:.1f}/{t['p99']:.1f}"
+            f"{p['p50']:>9.1f}/{p['p99']:.1f}{i['p50']:>9.1f}/{i['p99']:.1f}"
+            f"{e['p50']:>10.0f}/{e['p99']:.0f}")
+        lines += [f"    error: {err}" for err in s.errors]
+    return "\n".join(lines)
+
+
+def compare(rows: list[Summary], system: str, base: str) -> list[dict[str, object]]:
+    """Per load where both ran: ``system``'s output-throughput ratio and added TTFT p50/p99
+    over ``base``."""
+    by = {(s.system, s.load): s for s in rows}
+    out: list[dict[str, object]] = []
+    for s in rows:
+        if s.system != system or (b := by.get((base, s.load))) is None:
+            continue
+        ratio = s.output_throughput / b.output_throughput if b.output_throughput else math.nan
+        out.append({
+            "load": s.load, "system": system, "base": base,
+            "throughput_ratio": round(ratio, 3),
+            "request_rate_ratio": round(s.request_throughput / b.request_throughput, 3)
+            if b.request_throughput else math.nan,
+            "added_ttft_p50_ms": round(s.ttft_ms["p50"] - b.ttft_ms["p50"], 2),
+            "added_ttft_p99_ms": round(s.ttft_ms["p99"] - b.ttft_ms["p99"], 2),
+        })
+    return out
+
+
+def ratio_lines(ratios: list[dict[str, object]]) -> list[str]:
+    return [f"{r['system']} vs {r['base']} at {r['load']}: output tok/s "
+            f"{r['throughput_ratio']:.1%}, TTFT p50 {r['added_ttft_p50_ms']:+.1f} ms, "
+            f"p99 {r['added_ttft_p99_ms']:+.1f} ms" for r in ratios]
+
+
+def ceiling(rows: list[Summary], system: str) -> dict[str, object] | None:
+    """The lowest offered rate at which ``system``'s p99 E2E latency is at least double its
+    p99 at the lightest rate: requests/s and output chunks/s achieved there and just below."""
+    runs = sorted((s for s in rows if s.system == system and s.offered_rate is not None),
+                  key=lambda s: s.offered_rate or 0.0)
+    if len(runs) < 2:
+        return None
+    base = runs[0].e2e_ms["p99"]
+    for below, s in itertools.pairwise(runs):
+        if s.e2e_ms["p99"] >= 2 * base:
+            return {"system": system, "base_p99_ms": base,
+                    "doubled_at_offered_rate": s.offered_rate,
+                    "achieved_req_s": s.request_throughput, "achieved_chunks_s":
+                    s.output_throughput, "last_below": {
+                        "offered_rate": below.offered_rate, "req_s": below.request_throughput,
+                        "chunks_s": below.output_throughput, "p99_ms": below.e2e_ms["p99"]}}
+    return {"system": system, "base_p99_ms": base, "doubled_at_offered_rate": None,
+            "note": "p99 never doubled: sweep higher rates (--rates)"}
+
+
+def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path:
+    """Latency percentiles vs load, one line per system (burst runs are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def x_of(s: Summary) -> float | None:
+        return float(s.concurrency) if closed_loop else s.offered_rate
+
+    panels = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    systems = list(dict.fromkeys(s.system for s in rows))
+    for ax, (field, label) in zip(axes, panels, strict=True):
+        for system in systems:
+            pts = sorted((x, getattr(s, field)) for s in rows
+                         if s.system == system and (x := x_of(s)) is not None)
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            for q, style in (("p50", "-o"), ("p99", "--^")):
+                ax.plot(xs, [d[q] for _, d in pts], style, label=f"{system} {q}")
+        ax.set_xlabel("concurrent requests" if closed_loop else "offered rate (requests/s)")
+        ax.set_ylabel(f"{label} (ms)")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        if not closed_loop:
+            ax.set_xscale("log")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
