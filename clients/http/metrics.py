@@ -1,0 +1,118 @@
+"""Prometheus metrics of one ``tokenhive serve``: the requests it saw, and the pool as the
+broker reports it at scrape time. Its own CollectorRegistry, so nothing global leaks in.
+
+Model labels come from client input, so their number is capped: past ``MAX_MODEL_LABELS``
+distinct names a new one is counted as ``_other``, and a model the broker did not know is
+counted as ``_unknown``; a client cannot grow the label set without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tokenhive.schemas.messages import Health, StatusReply, Usage
+
+MAX_MODEL_LABELS = 64
+OTHER_MODEL = "_other"
+UNKNOWN_MODEL = "_unknown"
+NO_MODEL = "_none"  # refused before a model was read
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SERVING = (Health.OK, Health.DEGRADED)
+
+
+class PoolCollector(Collector):
+    """The last StatusReply (fetched by the /metrics route just before rendering) as gauges."""
+
+    def __init__(self) -> None:
+        self.status: StatusReply | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status
+        up = GaugeMetricFamily("tokenhive_pool_up", "1 if the broker answered the status query")
+        up.add_metric([], 0.0 if status is None else 1.0)
+        yield up
+        if status is None:
+            return
+        queue = GaugeMetricFamily("tokenhive_pool_queue_depth", "requests queued in the broker",
+                                  labels=["model"])
+        for model, depth in sorted(status.queues.items()):
+            queue.add_metric([model], depth)
+        yield queue
+        yield GaugeMetricFamily("tokenhive_pool_in_flight", "requests on workers (broker view)",
+                                value=status.in_flight)
+        labels = ["worker", "model", "backend"]
+        healthy = GaugeMetricFamily("tokenhive_pool_worker_healthy",
+                                    "1 if the worker is ok or degraded (serving)", labels=labels)
+        slots = GaugeMetricFamily("tokenhive_pool_worker_slots", "slots of the worker",
+                                  labels=labels)
+        free = GaugeMetricFamily("tokenhive_pool_worker_free_slots", "free slots of the worker",
+                                 labels=labels)
+        for w in status.workers:
+            key = [w.id, w.model, w.backend]
+            healthy.add_metric(key, 1.0 if w.health in SERVING else 0.0)
+            slots.add_metric(key, w.slots)
+            free.add_metric(key, w.free_slots)
+        yield from (healthy, slots, free)
+        events = CounterMetricFamily("tokenhive_broker_events", "the broker's own counters",
+                                     labels=["event"])
+        for name, value in sorted(status.counters.items()):
+            events.add_metric([name], value)
+        yield events
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("tokenhive_http_requests", "HTTP API requests by outcome "
+                                "(ok, or the error code)", ["endpoint", "model", "outcome"],
+                                registry=r)
+        self.ttft = Histogram("tokenhive_http_ttft_seconds", "arrival to first token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.gap = Histogram("tokenhive_http_inter_token_seconds", "between streamed chunks",
+                             ["model"], buckets=GAP_BUCKETS, registry=r)
+        self.latency = Histogram("tokenhive_http_request_seconds", "arrival to last byte",
+                                 ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("tokenhive_http_queue_wait_seconds", "time queued in the "
+                               "broker (worker-reported)", ["model"], buckets=LATENCY_BUCKETS,
+                               registry=r)
+        self.tokens_in = Counter("tokenhive_http_prompt_tokens", "prompt tokens", ["model"],
+                                 registry=r)
+        self.tokens_out = Counter("tokenhive_http_completion_tokens", "generated tokens",
+                                  ["model"], registry=r)
+        self.in_flight = Gauge("tokenhive_http_in_flight", "requests being answered",
+                               registry=r)
+        self.pool = PoolCollector()
+        r.register(self.pool)
+        self._models: set[str] = set()
+
+    def model_label(self, model: str) -> str:
+        if not model:
+            return NO_MODEL
+        if model in self._models:
+            return model
+        if len(self._models) >= MAX_MODEL_LABELS:
+            return OTHER_MODEL
+        self._models.add(model)
+        return model
+
+    def finished(self, endpoint: str, model: str, outcome: str, seconds: float,
+                 usage: Usage | None = None, queue_ms: float | None = None) -> None:
+        label = UNKNOWN_MODEL if outcome == "unknown_model" else self.model_label(model)
+        self.requests.labels(endpoint, label, outcome).inc()
+        self.latency.labels(endpoint, label).observe(seconds)
+        if queue_ms is not None:
+            self.queue.labels(label).observe(queue_ms / 1000.0)
+        if usage is not None:
+            self.tokens_in.labels(label).inc(usage.prompt_tokens)
+            self.tokens_out.labels(label).inc(usage.completion_tokens)
+
+    def render(self, status: StatusReply | None) -> bytes:
+        self.pool.status = status
+        return generate_latest(self.registry)
