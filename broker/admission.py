@@ -16,6 +16,7 @@ from tokenhive.broker.registry import WorkerRegistry
 from tokenhive.schemas.config import Limits
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import Error, Request
+from tokenhive.schemas.tools import schema_bytes, tools_problem
 
 
 class Refusal(NamedTuple):
@@ -57,6 +58,8 @@ def size_problem(request: Request, limits: Limits) -> str | None:
         if chars > limits.max_prompt_chars:
             return (f"messages hold {chars} characters of content, more than "
                     f"limits.max_prompt_chars={limits.max_prompt_chars}")
+    if (tools := tool_size_problem(request, limits)) is not None:
+        return tools
     if request.prompt is not None and len(request.prompt) > limits.max_prompt_chars:
         return (f"prompt is {len(request.prompt)} characters, more than "
                 f"limits.max_prompt_chars={limits.max_prompt_chars}")
@@ -69,6 +72,24 @@ def size_problem(request: Request, limits: Limits) -> str | None:
             return (f"input holds {chars} characters in all, more than "
                     f"limits.max_input_chars={limits.max_input_chars}")
     return None
+
+
+def tool_size_problem(request: Request, limits: Limits) -> str | None:
+    """Tools, tool_choice, response_format and the calls in the messages: count and bytes
+    capped, then the cross-field rules (a named tool_choice names an offered tool)."""
+    if len(request.tools) > limits.max_tools:
+        return (f"tools has {len(request.tools)} items, more than "
+                f"limits.max_tools={limits.max_tools}")
+    if request.tools or request.response_format is not None:
+        size = schema_bytes(request.tools, request.response_format)
+        if size > limits.max_tool_schema_bytes:
+            return (f"tools and response_format schema are {size} bytes of JSON, more than "
+                    f"limits.max_tool_schema_bytes={limits.max_tool_schema_bytes}")
+    calls = [c for m in request.messages for c in m.tool_calls or ()]
+    if calls and (n := sum(len(c.function.arguments) for c in calls)) > limits.max_prompt_chars:
+        return (f"messages hold {n} characters of tool call arguments, more than "
+                f"limits.max_prompt_chars={limits.max_prompt_chars}")
+    return tools_problem(request.tools, request.tool_choice)
 
 
 def refusal(

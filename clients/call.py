@@ -24,6 +24,7 @@ from tokenhive.clients.result import Result
 from tokenhive.clients.retry import RetryPolicy
 from tokenhive.schemas.errors import DeadlineExceeded, TokenHiveError
 from tokenhive.schemas.messages import Chunk, Error, Final, Request, StreamMsg, Submit
+from tokenhive.schemas.tools import ToolCallAssembler
 
 
 class Call:
@@ -39,6 +40,7 @@ class Call:
         self._parts: list[str] = []
         self._chunks = 0
         self._final: Final | None = None
+        self._tool_calls = ToolCallAssembler()
 
     @property
     def id(self) -> str:
@@ -61,6 +63,8 @@ class Call:
             if isinstance(msg, Chunk):
                 self._chunks += 1
                 self._parts.append(msg.text)
+                if msg.tool_calls:
+                    self._tool_calls.add(msg.tool_calls)
                 return msg
             self._end_attempt()
             if isinstance(msg, Final):
@@ -77,6 +81,7 @@ class Call:
             id=self._active_id, text="".join(self._parts), finish_reason=final.finish_reason,
             usage=final.usage, timings=final.timings, worker=final.worker, chunks=self._chunks,
             embeddings=final.embeddings, attempts=self._attempt,
+            tool_calls=self._tool_calls.calls() if self._tool_calls else None,
         )
 
     def abort(self) -> None:

@@ -12,6 +12,16 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
+from tokenhive.clients.tool_options import (
+    ResponseFormatArg,
+    ToolChoiceArg,
+    ToolsArg,
+    check_tools,
+    message_tool_parts,
+    to_response_format,
+    to_tool_choice,
+    to_tools,
+)
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import Kind, Message, Priority, Request, Sampling
 from tokenhive.schemas.validation import validated
@@ -41,6 +51,9 @@ class RequestOptions(TypedDict, total=False):
     request_id: str
     priority: int
     metadata: dict[str, str]
+    tools: ToolsArg  # OpenAI-style function tools (chat only)
+    tool_choice: ToolChoiceArg  # "none" | "auto" | "required" | {"type": "function", ...}
+    response_format: ResponseFormatArg  # {"type": "json_object"} | {"type": "json_schema", ...}
 
 
 class EmbedOptions(TypedDict, total=False):
@@ -79,11 +92,15 @@ def _to_message(index: int, item: Message | Mapping[str, object]) -> Message:
         msg = item
     elif isinstance(item, Mapping):
         role, content, name = item.get("role"), item.get("content"), item.get("name")
+        calls, call_id = message_tool_parts(index, item)
+        if content is None and calls:  # an assistant turn that only calls tools
+            content = ""
         if not isinstance(role, str) or not isinstance(content, str):
             raise InvalidRequest(f"messages[{index}] needs string 'role' and 'content'")
         if name is not None and not isinstance(name, str):
             raise InvalidRequest(f"messages[{index}].name must be a string")
-        msg = Message(role=role, content=content, name=name)
+        msg = Message(role=role, content=content, name=name, tool_calls=calls,
+                      tool_call_id=call_id)
     else:
         raise InvalidRequest(f"messages[{index}] is a {type(item).__name__}, not a message")
     if msg.role not in ROLES:
@@ -121,11 +138,20 @@ def build_request(
         raise InvalidRequest(f"timeout must be > 0, got {timeout}")
     request_id = options.get("request_id") or new_request_id()
     sampling = to_sampling(options) if kind is not Kind.EMBEDDING else Sampling()  # type: ignore[arg-type]
+    tools = to_tools(options.get("tools"))  # type: ignore[arg-type]
+    tool_choice = to_tool_choice(options.get("tool_choice"))  # type: ignore[arg-type]
+    if (tools or tool_choice is not None) and kind is not Kind.CHAT:
+        raise InvalidRequest("tools and tool_choice are for chat requests")
+    check_tools(tools, tool_choice)
+    response_format = to_response_format(options.get("response_format"))  # type: ignore[arg-type]
+    if response_format is not None and kind is Kind.EMBEDDING:
+        raise InvalidRequest("response_format is for chat and completion requests")
     return validated(Request(
         id=request_id, model=model, kind=kind, messages=messages or [], prompt=prompt,
         input=inputs or [], sampling=sampling, stream=stream,
         priority=int(options.get("priority", Priority.NORMAL)), timeout=timeout,
-        metadata=dict(options.get("metadata") or {}),
+        metadata=dict(options.get("metadata") or {}), tools=tools, tool_choice=tool_choice,
+        response_format=response_format,
     ))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from tokenhive.schemas.messages import Timings, Usage
+from tokenhive.schemas.tools import ToolCall
 
 
 class Result(msgspec.Struct, kw_only=True):
@@ -23,3 +24,6 @@ class Result(msgspec.Struct, kw_only=True):
     chunks: int = 0
     embeddings: list[list[float]] | None = None
     attempts: int = 1
+    # The model's tool calls (finish_reason "tool_calls"); arguments are JSON text, see
+    # ToolCall.parsed_arguments(). None when it called none.
+    tool_calls: list[ToolCall] | None = None

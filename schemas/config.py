@@ -57,6 +57,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     # float64 (9 bytes a value) and must fit in max_message_bytes: 256 x 4096 dims ~ 9.4 MB.
     max_inputs: int = 256
     max_input_chars: int = 4_000_000  # all of a request's embedding inputs together
+    max_tools: int = 128  # tools offered per request
+    # JSON bytes of all tool definitions plus the response_format schema of one request:
+    # each is compiled into a grammar (gguf) or sent upstream with every call
+    max_tool_schema_bytes: int = 256 * 1024
     # Bytes of one ZeroMQ message, on every socket (ZMQ_MAXMSGSIZE): libzmq drops a larger
     # one before buffering it. Applies to client and worker traffic alike.
     max_message_bytes: int = 16 * MiB

@@ -29,6 +29,7 @@ from tokenhive.schemas.errors import (
     TokenHiveError,
     error_class,
 )
+from tokenhive.schemas.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice
 
 # ---------------------------------------------------------------------------------------------
 # Request
@@ -69,6 +70,8 @@ class Message(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (schemas/tools.py)
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class Sampling(msgspec.Struct, omit_defaults=True):
@@ -106,6 +109,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     deadline: float | None = None
     timeout: float | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    tools: list[Tool] = msgspec.field(default_factory=list)  # functions the model may call
+    tool_choice: ToolChoice | None = None  # None: "auto" when tools are offered
+    response_format: ResponseFormat | None = None  # json_object / json_schema output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +139,7 @@ class Chunk(msgspec.Struct, tag="c", array_like=True, omit_defaults=True):
     seq: int
     text: str = ""
     tokens: int = 0
+    tool_calls: list[ToolCallDelta] | None = None  # streamed pieces of the answer's calls
 
 
 class Final(msgspec.Struct, tag="f", array_like=True, omit_defaults=True):

@@ -26,15 +26,17 @@ from typing import Self
 import msgspec
 
 from tokenhive.schemas.messages import Health, Kind, Request, Usage
+from tokenhive.schemas.tools import ToolCallDelta
 
 
 class Delta(msgspec.Struct):
     text: str
     tokens: int = 1
+    tool_calls: list[ToolCallDelta] | None = None  # pieces of tool calls (OpenAI's deltas)
 
 
 class Done(msgspec.Struct):
-    finish_reason: str = "stop"  # stop | length
+    finish_reason: str = "stop"  # stop | length | tool_calls
     usage: Usage = msgspec.field(default_factory=Usage)
 
 

@@ -17,6 +17,7 @@ import asyncio
 
 from tokenhive.schemas.frames import ROUTE_CHUNK, VERSION_FRAME, encode
 from tokenhive.schemas.messages import Chunk
+from tokenhive.schemas.tools import ToolCallDelta
 from tokenhive.workers.link import BrokerLink
 
 
@@ -32,7 +33,15 @@ class ChunkStream:
         self._timer: asyncio.TimerHandle | None = None
         self._last: asyncio.Future[None] | None = None  # latest send that had to wait
 
-    async def add(self, text: str, tokens: int) -> None:
+    async def add(
+        self, text: str, tokens: int, tool_calls: list[ToolCallDelta] | None = None
+    ) -> None:
+        if tool_calls:  # rare and structural: out at once, after any text held back
+            self._flush()
+            self._emit(text, self._tokens + tokens, tool_calls)
+            self._tokens = 0
+            await self._backpressure()
+            return
         self._tokens += tokens
         if not text:
             return  # e.g. half a UTF-8 character: its tokens ride with the next text
@@ -43,9 +52,11 @@ class ChunkStream:
             self._timer = asyncio.get_running_loop().call_later(self._window, self._flush)
         await self._backpressure()
 
-    def single(self, text: str, tokens: int) -> None:
+    def single(
+        self, text: str, tokens: int, tool_calls: list[ToolCallDelta] | None = None
+    ) -> None:
         """The one chunk of a non-streaming request (sent even when the text is empty)."""
-        self._emit(text, tokens)
+        self._emit(text, tokens, tool_calls)
 
     async def close(self) -> None:
         """Flush what is buffered; after this, every counted chunk is queued."""
@@ -69,8 +80,10 @@ class ChunkStream:
             self._emit(text, self._tokens)
             self._tokens = 0
 
-    def _emit(self, text: str, tokens: int) -> None:
-        body = encode(Chunk(self._id, self.sent, text, tokens))
+    def _emit(
+        self, text: str, tokens: int, tool_calls: list[ToolCallDelta] | None = None
+    ) -> None:
+        body = encode(Chunk(self._id, self.sent, text, tokens, tool_calls=tool_calls))
         waiting = self._link.send([VERSION_FRAME, self._route, body])
         if waiting is not None:
             self._last = waiting

@@ -19,6 +19,7 @@ from typing import TypeAlias
 
 from tokenhive.schemas.errors import BackendError, ErrorCode, InvalidRequest, TokenHiveError
 from tokenhive.schemas.messages import Dispatch, Error, Final, Kind, Timings, Usage
+from tokenhive.schemas.tools import ToolCallAssembler, as_deltas
 from tokenhive.workers.backend import Backend, Done
 from tokenhive.workers.coalesce import ChunkStream
 from tokenhive.workers.link import BrokerLink
@@ -89,6 +90,7 @@ class Job:
         done: Done | None = None
         parts: list[str] = []  # non-streaming: the whole text, sent once
         tokens = 0
+        calls = ToolCallAssembler()  # non-streaming: the whole tool calls, sent once
         stream = self.backend.stream(request)
         try:
             async for item in stream:
@@ -98,10 +100,12 @@ class Job:
                 if self.first_token is None:
                     self.first_token = time.monotonic()
                 if request.stream:
-                    await self.chunks.add(item.text, item.tokens)
+                    await self.chunks.add(item.text, item.tokens, item.tool_calls)
                 else:
                     parts.append(item.text)
                     tokens += item.tokens
+                    if item.tool_calls:
+                        calls.add(item.tool_calls)
         finally:
             # Close the generator now (not at garbage collection) so a backend generating
             # in a thread stops between tokens, on cancel as on error.
@@ -113,7 +117,8 @@ class Job:
         if request.stream:
             await self.chunks.close()
         else:
-            self.chunks.single("".join(parts), tokens)
+            self.chunks.single("".join(parts), tokens,
+                               as_deltas(calls.calls()) if calls else None)
         return self._final(done.finish_reason, done.usage)
 
     async def _embed(self) -> Final:

@@ -41,10 +41,13 @@ _FINISH = {
     "stop_sequence": "stop",
     "length": "length",
     "max_tokens": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",  # OpenAI's legacy name
+    "tool_use": "tool_calls",  # Anthropic
 }
 
 
 def finish_reason(raw: str | None) -> str:
-    """Upstream names mapped onto the wire's ``stop | length``; anything else (tool_calls,
-    content_filter, ...) ended the turn normally from our point of view, so ``stop``."""
+    """Upstream names mapped onto the wire's ``stop | length | tool_calls``; anything else
+    (content_filter, ...) ended the turn normally from our point of view, so ``stop``."""
     return _FINISH.get(raw or "stop", "stop")

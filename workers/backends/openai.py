@@ -28,6 +28,7 @@ import msgspec
 from tokenhive.schemas.config import AzureSpec, OpenAISpec
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import Kind, Request, Usage
+from tokenhive.schemas.tools import ToolCallDelta
 from tokenhive.workers.backend import Delta, Done, Embeddings
 from tokenhive.workers.backends.estimate import (
     estimate_prompt,
@@ -146,7 +147,8 @@ class OpenAIBackend(HTTPBackend):
         batches = iter_sse_batches(response)
         try:
             async for texts in texts_by_batch(batches, state.take):
-                yield Delta(texts[0] if len(texts) == 1 else "".join(texts), len(texts))
+                calls, state.calls = state.calls or None, []
+                yield Delta(texts[0] if len(texts) == 1 else "".join(texts), len(texts), calls)
         except MalformedStream as exc:
             raise http_errors.malformed(str(exc)) from None
         if state.done:
@@ -173,13 +175,14 @@ class OpenAIBackend(HTTPBackend):
         if choice is None:
             raise http_errors.malformed("response has no choices", raw)
         text = choice.content()
+        calls = choice.tool_call_deltas() or None
         if parsed.usage is not None and _counted(parsed.usage):
             usage = parsed.usage.to_usage()
         else:
             prompt = estimate_prompt(request.messages, request.prompt)
             usage = estimated_usage(prompt, estimate_tokens(text))
-        if text:
-            yield Delta(text, usage.completion_tokens)
+        if text or calls:
+            yield Delta(text, usage.completion_tokens, calls)
         yield Done(finish_reason(choice.finish_reason), usage)
 
     # -- embeddings ----------------------------------------------------------------------------
@@ -212,9 +215,10 @@ class OpenAIBackend(HTTPBackend):
 class _StreamState:
     """What a chat/completion stream has told us so far."""
 
-    __slots__ = ("done", "finish", "pieces", "usage")
+    __slots__ = ("calls", "done", "finish", "pieces", "usage")
 
     def __init__(self) -> None:
+        self.calls: list[ToolCallDelta] = []  # tool-call deltas not yet handed out
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.pieces = 0  # content chunks: one token each, for the estimate
@@ -239,6 +243,10 @@ class _StreamState:
             if text:
                 self.pieces += 1
                 texts.append(text)
+            if (calls := choice.tool_call_deltas()):
+                self.pieces += 1
+                self.calls += calls
+                texts.append("")  # so this batch yields a Delta that carries them
             if choice.finish_reason:
                 self.finish = choice.finish_reason
         return False

@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 
 from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Kind, Request, Usage
+from tokenhive.schemas.messages import Kind, Message, Request, Usage
+from tokenhive.schemas.tools import ToolCallDelta
 
 # -- request bodies ------------------------------------------------------------------------------
 
@@ -37,13 +38,19 @@ def request_body(
     if request.kind == Kind.CHAT:
         if not request.messages:
             raise InvalidRequest("a chat request needs at least one message")
-        body["messages"] = [_message(m.role, m.content, m.name) for m in request.messages]
+        body["messages"] = [_message(m) for m in request.messages]
+        if request.tools:
+            body["tools"] = msgspec.to_builtins(request.tools)
+        if request.tool_choice is not None:
+            body["tool_choice"] = msgspec.to_builtins(request.tool_choice)
     elif request.kind == Kind.COMPLETION:
         if request.prompt is None:
             raise InvalidRequest("a completion request needs a prompt")
         body["prompt"] = request.prompt
     else:
         raise InvalidRequest(f"{request.kind.value} is not a generation request")
+    if request.response_format is not None:
+        body["response_format"] = msgspec.to_builtins(request.response_format)
     body["stream"] = True
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -59,10 +66,16 @@ def request_body(
     return body
 
 
-def _message(role: str, content: str, name: str | None) -> dict[str, str]:
-    out = {"role": role, "content": content}
-    if name is not None:
-        out["name"] = name
+def _message(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = msgspec.to_builtins(m.tool_calls)
+        if not m.content:
+            out["content"] = None  # OpenAI's shape of a turn that only calls tools
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
     return out
 
 
@@ -88,12 +101,34 @@ class WireUsage(msgspec.Struct):
         return Usage(self.prompt_tokens, self.completion_tokens, total)
 
 
+class _FunctionPart(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallPart(msgspec.Struct):
+    """A streamed tool-call delta, or (``index`` unset) a whole call of a message."""
+
+    index: int | None = None
+    id: str | None = None
+    function: _FunctionPart | None = None
+
+    def to_delta(self, position: int) -> ToolCallDelta:
+        f = self.function
+        return ToolCallDelta(
+            index=self.index if self.index is not None else position, id=self.id or "",
+            name=(f.name or "") if f else "", arguments=(f.arguments or "") if f else "",
+        )
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallPart] | None = None
 
 
 class _Message(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallPart] | None = None
 
 
 class Choice(msgspec.Struct):
@@ -102,6 +137,11 @@ class Choice(msgspec.Struct):
     message: _Message | None = None  # chat, non-stream
     text: str | None = None  # completions
     finish_reason: str | None = None
+
+    def tool_call_deltas(self) -> list[ToolCallDelta]:
+        parts = (self.delta.tool_calls if self.delta is not None else
+                 self.message.tool_calls if self.message is not None else None)
+        return [p.to_delta(i) for i, p in enumerate(parts or ())]
 
     def content(self) -> str:
         if self.delta is not None:
