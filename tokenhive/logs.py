@@ -1,4 +1,6 @@
-"""Structured logs: one JSON object per line on stderr, shared by every tokenhive process.
+"""Logs on stderr, shared by every tokenhive process: one JSON object per line, or one text
+line per record for a person at a terminal (``configure_logging``'s ``fmt``; ``auto`` picks
+text when stderr is a terminal, and ``TOKENHIVE_LOG_FORMAT`` sets it for child processes).
 
 Use ``log = logging.getLogger("tokenhive.<part>")`` and pass fields through ``extra``::
 
@@ -22,6 +24,7 @@ messages of libraries we do not control.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -31,6 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 REDACTED = "***"
+LOG_FORMAT_ENV = "TOKENHIVE_LOG_FORMAT"
+LOG_FORMATS = ("auto", "text", "json")
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _encode = msgspec.json.Encoder(enc_hook=repr).encode
@@ -137,10 +142,48 @@ class JsonFormatter(logging.Formatter):
         return _encode(_scrubbed(plain)).decode()
 
 
-def configure_logging(level: str = "info") -> None:
-    """Route the ``tokenhive`` loggers to stderr as JSON lines at ``level``."""
+class TextFormatter(logging.Formatter):
+    """``16:40:02 warning tokenhive.client: broker unavailable address=tcp://... silent_s=5.0``,
+    with the same scrubbing as JsonFormatter (secrets, URLs in tracebacks)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+        parts = [f"{clock} {record.levelname.lower()} {record.name}: {record.getMessage()}"]
+        for key, value in record.__dict__.items():
+            if key not in _STD and not key.startswith("_"):
+                plain = msgspec.to_builtins(value, enc_hook=repr, str_keys=True)
+                text = plain if isinstance(plain, str) else _encode(plain).decode()
+                parts.append(f"{key}={text}")
+        text = " ".join(parts)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + redact_urls(record.exc_text)
+        if record.stack_info:
+            text += "\n" + redact_urls(self.formatStack(record.stack_info))
+        return scrub(text) if _SECRETS else text
+
+
+def resolve_format(fmt: str | None = None) -> str:
+    """``text`` or ``json``: ``fmt``, else TOKENHIVE_LOG_FORMAT, else by whether stderr is a
+    terminal."""
+    chosen = fmt or os.environ.get(LOG_FORMAT_ENV) or "auto"
+    if chosen not in LOG_FORMATS:
+        chosen = "auto"
+    if chosen == "auto":
+        try:
+            return "text" if sys.stderr.isatty() else "json"
+        except (AttributeError, ValueError):  # no stderr, or a closed one
+            return "json"
+    return chosen
+
+
+def configure_logging(level: str = "info", fmt: str | None = None) -> None:
+    """Route the ``tokenhive`` loggers to stderr at ``level``, as text or JSON lines
+    (``resolve_format``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    formatter = TextFormatter() if resolve_format(fmt) == "text" else JsonFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger("tokenhive")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -7,14 +7,15 @@ import asyncio
 import enum
 import json
 import os
+import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import msgspec
 
 from tokenhive.clients.loop_thread import new_event_loop
-from tokenhive.logs import configure_logging
+from tokenhive.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
 from tokenhive.schemas.errors import TokenHiveError
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -24,11 +25,33 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the request(s) failed; the error was printed
 EXIT_USAGE = 2  # bad flags or config
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class _LogFormat(argparse.Action):
+    """Also exports the choice (TOKENHIVE_LOG_FORMAT), so whatever configures logging later
+    in this command, and the processes it starts (a local pool), log the same way."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        os.environ[LOG_FORMAT_ENV] = str(values)
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None, action=_LogFormat,
+                        help="logs on stderr as text or JSON lines (default auto: text on a "
+                             f"terminal, JSON otherwise; env {LOG_FORMAT_ENV})")
 
 
 def add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--log-level", default=default, choices=LOG_LEVELS,
-                        help=f"structured (JSON) logs on stderr at this level (default {default})")
+                        help=f"logs on stderr at this level (default {default})")
+    add_log_format(parser)
+
+
+def configure_cli_logging(args: argparse.Namespace) -> None:
+    configure_logging(args.log_level, getattr(args, "log_format", None))
 
 
 def add_broker(parser: argparse.ArgumentParser, required_help: str) -> None:
@@ -42,20 +65,48 @@ def add_client_timing(parser: argparse.ArgumentParser) -> None:
                         help="fail in-flight requests after this much broker silence")
 
 
-def run_async(main: Coroutine[Any, Any, int], log_level: str) -> int:
-    """Run a command's coroutine on a loop we own (uvloop where available)."""
-    configure_logging(log_level)
+def run_async(main: Coroutine[Any, Any, int], log_level: str,
+              log_format: str | None = None) -> int:
+    """Run a command's coroutine on a loop we own (uvloop where available). SIGTERM cancels
+    it like Ctrl-C does, so its cleanup runs (a local pool is stopped and its runtime
+    directory removed) instead of the process vanishing mid-way; the exit code is 143."""
+    configure_logging(log_level, log_format)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
-            return runner.run(main)
+            return runner.run(_cancelled_by_sigterm(main))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
 
 
+async def _cancelled_by_sigterm(main: Coroutine[Any, Any, int]) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def report(exc: BaseException, command: str) -> int:
     """Print a request's typed error on one line; the exit code for it."""
-    if isinstance(exc, TokenHiveError):
+    if getattr(exc, "says_it_all", False):  # e.g. target.NoBrokerAnswers: no code to add
+        print(f"tokenhive {command}: {exc}", file=sys.stderr)
+    elif isinstance(exc, TokenHiveError):
         print(f"tokenhive {command}: {exc.code.value}: {exc.message}", file=sys.stderr)
     else:
         print(f"tokenhive {command}: {exc}", file=sys.stderr)

@@ -12,7 +12,21 @@ import msgspec
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.pool.local import local_pool
 from tokenhive.clients.pool.options import ConfigError, add_pool_arguments, pool_config_from_args
-from tokenhive.schemas.errors import InvalidRequest, UnknownModel
+from tokenhive.schemas.errors import BrokerUnavailable, InvalidRequest, UnknownModel
+
+#: how long a command waits for a running broker to answer before saying none does
+PROBE_TIMEOUT = 2.0
+
+
+class NoBrokerAnswers(BrokerUnavailable):
+    """Nothing answered at the address a command was given: said in one line, at once,
+    instead of each request failing after its broker timeout and retries."""
+
+    says_it_all = True  # common.report prints the message alone
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"no broker answers at {address} (is it running?)")
+        self.address = address
 
 
 class Target(msgspec.Struct):
@@ -37,12 +51,22 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         if pool_only or args.option:
             names = ", ".join("--" + f.replace("_", "-") for f in pool_only) or "--option"
             raise ConfigError(f"{names}: pool flags only apply without --broker")
+        await probe_broker(args.broker)
         yield Target(address=args.broker, models=[])
         return
     config = pool_config_from_args(args)
     async with local_pool(config, log_level=args.log_level,
                           ready_timeout=args.ready_timeout) as pool:
         yield Target(address=pool.address, models=pool.models)
+
+
+async def probe_broker(address: str, timeout: float = PROBE_TIMEOUT) -> None:  # noqa: ASYNC109
+    """NoBrokerAnswers unless a broker at ``address`` answers a status query in ``timeout``."""
+    async with AsyncClient(address, broker_timeout=max(timeout * 2, 5.0)) as probe:
+        try:
+            await probe.status(timeout=timeout)
+        except BrokerUnavailable:
+            raise NoBrokerAnswers(address) from None
 
 
 async def resolve_model(client: AsyncClient, wanted: str | None, target: Target) -> str:

@@ -24,6 +24,7 @@ from tokenhive.clients.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     LOG_LEVELS,
+    add_log_format,
     report,
     run_async,
 )
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="on stop, seconds workers get to finish in-flight work")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
-                        help="structured logs on stderr (default: the config's, else info)")
+                        help="logs on stderr at this level (default: the config's, else info)")
+    add_log_format(parser)
 
 
 def run(args: argparse.Namespace) -> int:

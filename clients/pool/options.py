@@ -22,13 +22,14 @@ from tokenhive.schemas.config import (
 )
 
 
-def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+def add_pool_arguments(parser: argparse.ArgumentParser, *, path_flag: str = "--path") -> None:
+    """``path_flag`` names the GGUF file flag (``sidecar`` keeps ``--path`` for its own)."""
     group = parser.add_argument_group("pool (a config file, or flags for one worker spec)")
     group.add_argument("--config", metavar="POOL.TOML", help="pool definition (see `up`)")
     group.add_argument("--backend", help="echo | gguf | openai | anthropic | azure | binary")
     group.add_argument("--model", dest="pool_model", metavar="NAME",
                        help="the model name to serve (local pool) and to ask for")
-    group.add_argument("--path", help="GGUF file (implies --backend gguf)")
+    group.add_argument(path_flag, dest="path", help="GGUF file (implies --backend gguf)")
     group.add_argument("--workers", type=int, metavar="N", help="worker replicas (default 1)")
     group.add_argument("--slots", type=int, metavar="N", help="requests per worker at once")
     group.add_argument("--gpus", metavar="0,1", help="replica i gets CUDA_VISIBLE_DEVICES=gpus[i]")
