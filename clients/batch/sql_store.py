@@ -1,0 +1,310 @@
+"""The job store on SQL, one body for SQLite and PostgreSQL (see ``store.py`` for the rules).
+
+Database calls are blocking; they run one at a time on the store's own thread (one
+connection), so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import msgspec
+
+from tokenhive.clients.batch.input_file import InputLine
+from tokenhive.clients.batch.objects import (
+    CANCELLABLE,
+    CANCELLED,
+    CANCELLING,
+    COMPLETED,
+    FAILED,
+    IN_PROGRESS,
+    OUTPUT_PURPOSE,
+    VALIDATING,
+    WINDOW_SECONDS,
+    BatchErrors,
+    BatchObject,
+    FileObject,
+    RequestCounts,
+)
+from tokenhive.clients.batch.sql_schema import BATCH_COLUMNS, FILE_COLUMNS, Dialect
+from tokenhive.clients.batch.store import ClaimedLine
+from tokenhive.schemas.errors import InvalidRequest
+
+T = TypeVar("T")
+_BATCH_SELECT = "SELECT " + ", ".join(BATCH_COLUMNS) + " FROM batches"
+_FILE_SELECT = "SELECT " + ", ".join(FILE_COLUMNS) + " FROM files"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+class SqlJobStore:
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokenhive-jobs")
+        self._conn: Any = None
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._run(self.dialect.close, self._conn)
+            self._conn = None
+        self._thread.shutdown(wait=False)
+
+    # -- files ----------------------------------------------------------------------------
+
+    async def create_file(self, *, purpose: str, filename: str, content: bytes) -> FileObject:
+        file = FileObject(id=new_id("file-"), bytes=len(content), created_at=int(time.time()),
+                          filename=filename, purpose=purpose)
+        await self._run(self._insert_file, file, content)
+        return file
+
+    async def get_file(self, file_id: str) -> FileObject | None:
+        rows = await self._run(self._query, _FILE_SELECT + " WHERE id = ?", (file_id,))
+        return _file(rows[0]) if rows else None
+
+    async def file_content(self, file_id: str) -> bytes | None:
+        rows = await self._run(self._query, "SELECT content FROM files WHERE id = ?", (file_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def list_files(self, *, purpose: str | None, limit: int, after: str | None
+                         ) -> tuple[list[FileObject], bool]:
+        where, params = _page_filter("files", after)
+        if purpose is not None:
+            where.append("purpose = ?")
+            params.append(purpose)
+        rows = await self._run(self._query, _FILE_SELECT + _where(where)
+                               + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
+        return [_file(r) for r in rows[:limit]], len(rows) > limit
+
+    async def delete_file(self, file_id: str) -> bool:
+        return await self._run(self._change, "DELETE FROM files WHERE id = ?", (file_id,)) > 0
+
+    # -- batches --------------------------------------------------------------------------
+
+    async def create_batch(self, *, input_file_id: str, endpoint: str, completion_window: str,
+                           metadata: dict[str, str] | None, lines: list[InputLine],
+                           errors: BatchErrors | None) -> BatchObject:
+        now = int(time.time())
+        batch = BatchObject(
+            id=new_id("batch_"), endpoint=endpoint, input_file_id=input_file_id,
+            completion_window=completion_window, status=FAILED if errors else VALIDATING,
+            created_at=now, expires_at=now + WINDOW_SECONDS, metadata=metadata, errors=errors,
+            failed_at=now if errors else None,
+            request_counts=RequestCounts(total=0 if errors else len(lines)),
+        )
+        await self._run(self._insert_batch, batch, [] if errors else lines)
+        return batch
+
+    async def get_batch(self, batch_id: str) -> BatchObject | None:
+        rows = await self._run(self._query, _BATCH_SELECT + " WHERE id = ?", (batch_id,))
+        return _batch(rows[0]) if rows else None
+
+    async def list_batches(self, *, limit: int, after: str | None
+                           ) -> tuple[list[BatchObject], bool]:
+        where, params = _page_filter("batches", after)
+        rows = await self._run(self._query, _BATCH_SELECT + _where(where)
+                               + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
+        return [_batch(r) for r in rows[:limit]], len(rows) > limit
+
+    async def cancel_batch(self, batch_id: str) -> BatchObject | None:
+        status = await self._run(self._cancel, batch_id, int(time.time()))
+        if status is None:
+            return None
+        if status not in CANCELLABLE and status not in (CANCELLING, CANCELLED):
+            raise InvalidRequest(f"cannot cancel a batch with status {status!r}")
+        return await self.get_batch(batch_id)
+
+    # -- running lines --------------------------------------------------------------------
+
+    async def start_validated(self) -> int:
+        return await self._run(
+            self._change, "UPDATE batches SET status = ?, in_progress_at = ? WHERE status = ?",
+            (IN_PROGRESS, int(time.time()), VALIDATING))
+
+    async def claim(self, owner: str, limit: int, lease_s: float) -> list[ClaimedLine]:
+        now = time.time()
+        rows = await self._run(self.dialect.claim, self._conn, owner, now, now + lease_s, limit)
+        return [ClaimedLine(batch_id=b, idx=i, custom_id=c, text=t) for b, i, c, t in sorted(rows)]
+
+    async def renew(self, owner: str, lease_s: float) -> None:
+        await self._run(self._change, "UPDATE lines SET lease_until = ? WHERE lease_owner = ? "
+                        "AND state = 'pending'", (time.time() + lease_s, owner))
+
+    async def release(self, owner: str, keys: list[tuple[str, int]] | None = None) -> None:
+        await self._run(self._release, owner, keys)
+
+    async def record(self, owner: str, key: tuple[str, int], output: str, ok: bool) -> bool:
+        return await self._run(self._record, owner, key, output, ok)
+
+    async def cancelling_batches(self) -> set[str]:
+        rows = await self._run(self._query, "SELECT id FROM batches WHERE status = ?",
+                               (CANCELLING,))
+        return {str(r[0]) for r in rows}
+
+    async def finalize_ready(self) -> list[str]:
+        now = time.time()
+        rows = await self._run(self._query, _READY, (IN_PROGRESS, CANCELLING, now))
+        done = []
+        for (batch_id,) in rows:
+            if await self._run(self._finalize, str(batch_id)):
+                done.append(str(batch_id))
+        return done
+
+    # -- on the store's thread ------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, functools.partial(fn, *args))
+
+    def _open(self) -> None:
+        self._conn = self.dialect.connect()
+        self.dialect.after_open(self._conn)
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return list(self._conn.execute(self.dialect.sql(sql), params).fetchall())
+
+    def _change(self, sql: str, params: tuple[Any, ...]) -> int:
+        return int(self._conn.execute(self.dialect.sql(sql), params).rowcount)
+
+    def _insert_file(self, file: FileObject, content: bytes) -> None:
+        self._conn.execute(self.dialect.sql(
+            "INSERT INTO files (id, purpose, filename, bytes, created_at, content) "
+            "VALUES (?, ?, ?, ?, ?, ?)"),
+            (file.id, file.purpose, file.filename, file.bytes, file.created_at, content))
+
+    def _insert_batch(self, batch: BatchObject, lines: list[InputLine]) -> None:
+        q = self.dialect.sql
+        with self.dialect.transaction(self._conn):
+            self._conn.execute(q(
+                "INSERT INTO batches (id, status, endpoint, input_file_id, completion_window, "
+                "metadata, errors, created_at, expires_at, failed_at, total) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                (batch.id, batch.status, batch.endpoint, batch.input_file_id,
+                 batch.completion_window, _json(batch.metadata), _json(batch.errors),
+                 batch.created_at, batch.expires_at, batch.failed_at,
+                 batch.request_counts.total))
+            cursor = self._conn.cursor()
+            cursor.executemany(q("INSERT INTO lines (batch_id, idx, custom_id, body) "
+                                 "VALUES (?, ?, ?, ?)"),
+                               [(batch.id, line.idx, line.custom_id, line.text)
+                                for line in lines])
+
+    def _cancel(self, batch_id: str, now: int) -> str | None:
+        with self.dialect.transaction(self._conn):
+            status = self.dialect.lock_batch(self._conn, batch_id)
+            if status in CANCELLABLE:
+                self._conn.execute(self.dialect.sql(
+                    "UPDATE batches SET status = ?, cancelling_at = ? WHERE id = ?"),
+                    (CANCELLING, now, batch_id))
+            return status
+
+    def _release(self, owner: str, keys: list[tuple[str, int]] | None) -> None:
+        sql = self.dialect.sql("UPDATE lines SET lease_owner = NULL, lease_until = NULL "
+                               "WHERE lease_owner = ? AND state = 'pending'")
+        if keys is None:
+            self._conn.execute(sql, (owner,))
+            return
+        with self.dialect.transaction(self._conn):
+            cursor = self._conn.cursor()
+            cursor.executemany(sql + self.dialect.sql(" AND batch_id = ? AND idx = ?"),
+                               [(owner, b, i) for b, i in keys])
+
+    def _record(self, owner: str, key: tuple[str, int], output: str, ok: bool) -> bool:
+        q = self.dialect.sql
+        with self.dialect.transaction(self._conn):
+            changed = self._conn.execute(q(
+                "UPDATE lines SET state = 'done', ok = ?, output = ?, lease_owner = NULL, "
+                "lease_until = NULL WHERE batch_id = ? AND idx = ? AND state = 'pending' "
+                "AND lease_owner = ? AND EXISTS (SELECT 1 FROM batches WHERE id = ? "
+                "AND status IN (?, ?))"),
+                (int(ok), output, key[0], key[1], owner, key[0], IN_PROGRESS, CANCELLING),
+            ).rowcount
+            if changed != 1:
+                return False
+            column = "completed" if ok else "failed"
+            self._conn.execute(q(f"UPDATE batches SET {column} = {column} + 1 WHERE id = ?"),
+                               (key[0],))
+            return True
+
+    def _finalize(self, batch_id: str) -> bool:
+        """One transaction: recheck, write the output and error files, end the batch."""
+        q = self.dialect.sql
+        with self.dialect.transaction(self._conn):
+            status = self.dialect.lock_batch(self._conn, batch_id)
+            ready = self._conn.execute(q(_READY + " AND id = ?"),
+                                       (IN_PROGRESS, CANCELLING, time.time(), batch_id))
+            if status not in (IN_PROGRESS, CANCELLING) or ready.fetchone() is None:
+                return False
+            rows = self._conn.execute(q("SELECT ok, output FROM lines WHERE batch_id = ? "
+                                        "AND state = 'done' ORDER BY idx"), (batch_id,))
+            out: dict[bool, list[str]] = {True: [], False: []}
+            for ok, output in rows.fetchall():
+                out[bool(ok)].append(output + "\n")
+            now = int(time.time())
+            ids = {}
+            for ok, name in ((True, "output"), (False, "error")):
+                if out[ok]:
+                    content = "".join(out[ok]).encode()
+                    file = FileObject(id=new_id("file-"), bytes=len(content), created_at=now,
+                                      filename=f"{batch_id}_{name}.jsonl",
+                                      purpose=OUTPUT_PURPOSE)
+                    self._insert_file(file, content)
+                    ids[ok] = file.id
+            final, stamp = (COMPLETED, "completed_at") if status == IN_PROGRESS else (
+                CANCELLED, "cancelled_at")
+            self._conn.execute(q(
+                f"UPDATE batches SET status = ?, finalizing_at = ?, {stamp} = ?, "
+                "output_file_id = ?, error_file_id = ? WHERE id = ?"),
+                (final, now, now, ids.get(True), ids.get(False), batch_id))
+            return True
+
+
+#: batches with nothing left to run: in progress with no pending line, or cancelling with
+#: no line under a live lease (params: in_progress, cancelling, now)
+_READY = """SELECT id FROM batches b WHERE (
+    (b.status = ? AND NOT EXISTS (
+        SELECT 1 FROM lines l WHERE l.batch_id = b.id AND l.state = 'pending'))
+    OR (b.status = ? AND NOT EXISTS (
+        SELECT 1 FROM lines l WHERE l.batch_id = b.id AND l.state = 'pending'
+        AND l.lease_until >= ?)))"""
+
+
+def _page_filter(table: str, after: str | None) -> tuple[list[str], list[Any]]:
+    if after is None:
+        return [], []
+    return [f"seq < (SELECT seq FROM {table} WHERE id = ?)"], [after]
+
+
+def _where(conditions: list[str]) -> str:
+    return " WHERE " + " AND ".join(conditions) if conditions else ""
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
+def _file(row: tuple[Any, ...]) -> FileObject:
+    return FileObject(**dict(zip(FILE_COLUMNS, row, strict=True)))
+
+
+def _batch(row: tuple[Any, ...]) -> BatchObject:
+    fields = dict(zip(BATCH_COLUMNS, row, strict=True))
+    counts = RequestCounts(total=fields.pop("total"), completed=fields.pop("completed"),
+                           failed=fields.pop("failed"))
+    metadata, errors = fields.pop("metadata"), fields.pop("errors")
+    return BatchObject(
+        **fields, request_counts=counts,
+        metadata=json.loads(metadata) if metadata else None,
+        errors=msgspec.json.decode(errors, type=BatchErrors) if errors else None,
+    )
