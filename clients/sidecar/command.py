@@ -109,7 +109,7 @@ def _upstream_args(args: argparse.Namespace) -> dict[str, object]:
     def pool_config() -> PoolConfig:
         return config if config is not None else pool_config_from_args(args)
 
-    return {"broker": args.broker, "pool_config": pool_config, "operator_pool": operator_pool}
+    return {"broker": args.broker or None, "pool_config": pool_config, "operator_pool": operator_pool}
 
 
 async def _serve(args: argparse.Namespace, upstream_args: dict[str, object],
