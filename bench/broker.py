@@ -1,6 +1,7 @@
 """Chunks through the broker vs zmq.proxy (C) vs a direct link, on this machine, in one run.
 
     .venv/bin/python -m bench.broker [--chunks 400000] [--rate 5000] [--seconds 2] [--rounds 3]
+        [--e2e-clients 2] [--e2e-concurrency 16] [--e2e-requests 400] [--e2e-tokens 64]
 
 Producers are raw zmq processes that speak the worker protocol (Ready, then on each
 Dispatch stream chunks with the route frame, then a Final); the consumer is a raw DEALER
@@ -11,6 +12,9 @@ forwarder and straight to the consumer for the baselines. All links are ipc.
 2. Latency at a fixed rate: one producer sends a chunk carrying its send time every
    1/rate s; the consumer records receive - send (CLOCK_MONOTONIC is system-wide), and the
    broker's and proxy's added latency is reported against the direct link.
+3. End to end (``bench.broker_e2e``): the same broker with a real ``tokenhive.workers``
+   echo worker and real client processes streaming through ``AsyncClient``: chunks/s and
+   requests/s a user of the pool gets, beside the synthetic figure of 1 and as a share of it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import zmq
 
+from bench.broker_e2e import run_e2e
 from tokenhive.schemas.frames import (
     ROUTE_CHUNK,
     ROUTE_END,
@@ -258,6 +263,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5000.0, help="latency run chunks/s")
     parser.add_argument("--seconds", type=float, default=2.0, help="latency run length")
     parser.add_argument("--rounds", type=int, default=3, help="latency runs per path")
+    parser.add_argument("--e2e-clients", type=int, default=2, help="client processes")
+    parser.add_argument("--e2e-concurrency", type=int, default=16, help="streams per client")
+    parser.add_argument("--e2e-requests", type=int, default=400, help="per client")
+    parser.add_argument("--e2e-tokens", type=int, default=64, help="chunks per request")
     args = parser.parse_args()
     mp.set_start_method("spawn")
     print(f"machine: {os.cpu_count()} cpus, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
@@ -302,6 +311,17 @@ def main() -> None:
         for name in ("zmq.proxy", "broker"):
             print(f"added by {name:10s} p50 {lat[name][0] - lat['direct'][0]:+7.1f} µs  "
                   f"p99 {lat[name][1] - lat['direct'][1]:+7.1f} µs")
+
+    e2e = run_e2e(args.e2e_clients, args.e2e_concurrency, args.e2e_requests, args.e2e_tokens)
+    print(f"end to end (echo worker, {args.e2e_clients} client processes x "
+          f"{args.e2e_concurrency} streams, {args.e2e_tokens} chunks/request): "
+          f"{e2e.chunks_per_s:,.0f} chunks/s, {e2e.requests_per_s:,.1f} requests/s, "
+          f"p50 request {e2e.p50_ms:.1f} ms")
+    print("  CPU per chunk / cores busy: " + ", ".join(
+        f"{name} {us:.1f} µs / {cores:.2f}" for name, (us, cores) in e2e.cpu.items()))
+    print(f"end to end / synthetic broker throughput = {e2e.chunks_per_s / rows['broker']:.2f}"
+          " (the process nearest 1.0 core busy is what bounds end to end)")
+
 
 if __name__ == "__main__":
     main()

@@ -34,57 +34,13 @@ import httpx
 import msgspec
 import uvloop
 
-from bench.remote import KeepAliveProtocol, with_upstream
+from bench.upstream import serve, with_upstream
 from tokenhive.workers.backends.http.sse import iter_sse
 from tokenhive.workers.backends.http.transport import LeanHTTPTransport
 
 OLD_COMMIT = "2b1031eba8256761e8fea4f5ada41e92e6131db1"  # the last hand-parsing version
 OLD_PATH = "workers/backends/http/transport.py"
 ROOT = Path(__file__).resolve().parent.parent
-
-# -- the upstream: paced SSE, one event per write ------------------------------------------------
-
-
-def sse_events(events: int) -> list[bytes]:
-    """Each event as one HTTP chunk; the last write also ends the chunked body."""
-    docs: list[object] = [{"choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
-                          for i in range(events)]
-    docs.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    docs.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": events}})
-    payloads = [b"data: " + json.dumps(d).encode() + b"\n\n" for d in docs]
-    payloads.append(b"data: [DONE]\n\n")
-    chunks = [b"%x\r\n%s\r\n" % (len(p), p) for p in payloads]
-    chunks[-1] += b"0\r\n\r\n"
-    return chunks
-
-
-class PacedProtocol(KeepAliveProtocol):
-    """A complete request gets the head, then one chunk per tick."""
-
-    def __init__(self, chunks: list[bytes], interval: float) -> None:
-        super().__init__()
-        self.chunks, self.interval = chunks, interval
-
-    def respond(self, transport: asyncio.WriteTransport) -> None:
-        transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                        b"transfer-encoding: chunked\r\n\r\n")
-        self._send(0)
-
-    def _send(self, i: int) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.transport.write(self.chunks[i])
-        if i + 1 < len(self.chunks):
-            asyncio.get_running_loop().call_later(self.interval, self._send, i + 1)
-
-
-async def serve(events: int, interval: float) -> None:
-    loop = asyncio.get_running_loop()
-    chunks = sse_events(events)
-    server = await loop.create_server(lambda: PacedProtocol(chunks, interval), "127.0.0.1", 0)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await server.serve_forever()
-
 
 # -- the client ----------------------------------------------------------------------------------
 
@@ -176,7 +132,7 @@ def main() -> int:
         return 0
     summary = with_upstream(
         [sys.executable, "-m", "bench.http_transport", "--serve", "--events", str(args.events),
-         "--interval-ms", str(args.interval_ms)], lambda url: bench(args, url))
+         "--interval-ms", str(args.interval_ms)], lambda url, _pid: bench(args, url))
     print(json.dumps(summary, indent=2))
     return 0
 
