@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from bench.serve_metrics import Record
 from bench.serve_workload import Item
 
-Sender = Callable[[Item], Awaitable[Record]]
+Sender = Callable[[Item], Coroutine[Any, Any, Record]]
 
 
 async def open_loop(send: Sender, items: list[Item]) -> tuple[float, list[Record]]:
     """(start time, one record per item in item order)."""
     t0 = time.perf_counter()
-    tasks = []
+    tasks: list[asyncio.Task[Record]] = []
     for item in items:
         wait = t0 + item.arrival - time.perf_counter()
         if wait > 0:

@@ -80,7 +80,9 @@ def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path
     import matplotlib.pyplot as plt
 
     def x_of(s: Summary) -> float | None:
-        return float(s.concurrency) if closed_loop else s.offered_rate
+        if closed_loop:
+            return None if s.concurrency is None else float(s.concurrency)
+        return s.offered_rate
 
     panels = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
