@@ -43,6 +43,12 @@ _HELP = {
     "client_buffer": "messages buffered for a slow client before its requests are cut off",
     "no_worker_timeout": "seconds queued requests wait while no worker of their model is "
                          "alive and healthy (or loading)",
+    "fallback_wait": "seconds a queued request with fallbacks waits while its model has no "
+                     "healthy worker before it moves to the next model",
+    "cooldown_failures": "worker failures of a model within cooldown_window that start a "
+                         "cooldown",
+    "cooldown_window": "seconds over which a model's failures are counted",
+    "cooldown_s": "seconds a failing model is skipped while an alternative is left",
 }
 
 

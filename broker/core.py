@@ -176,6 +176,14 @@ class BrokerCore:
 
     def on_submit(self, ident: bytes, request: Request) -> None:
         state = self.state
+        plan: list[str] = []
+        if request.profile is not None or request.model in self.flow.gateway.routed:
+            admitted = self.flow.gateway.admit(request)  # profile, budget, group/fallbacks
+            if isinstance(admitted, admission.Refusal):
+                state.counts[admitted.counter] += 1
+                state.send_client(ident, encode(admitted.error))
+                return
+            request, plan = admitted
         reason = state.failed_models.get(request.model)
         if reason is not None:
             if not self._serving(request.model):
@@ -204,6 +212,7 @@ class BrokerCore:
         if client is None:
             client = state.clients[ident] = ClientState(state.now)
         job = Job(ident, request, next(state.seq), state.now, deadline)
+        job.plan = plan
         client.jobs[request.id] = job
         state.queue(request.model).push(job)
         state.deadlines.add(job)
@@ -245,5 +254,10 @@ class BrokerCore:
             "clients": len(state.clients),
             "workers": len(state.registry),
         }
-        return snapshot(state.registry, state.queues, len(state.inflight), state.counts, extra,
-                        state.now, state.now - state.started)
+        reply = snapshot(state.registry, state.queues, len(state.inflight), state.counts, extra,
+                         state.now, state.now - state.started)
+        reply.groups = {name: list(g.models) for name, g in state.cfg.groups.items()}
+        reply.cooldowns = state.cooldowns.left(state.now)
+        reply.spend_by_model = state.spend.by_model
+        reply.spend_by_profile = state.spend.by_profile
+        return reply

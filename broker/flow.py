@@ -16,13 +16,14 @@ import logging
 import msgspec
 
 from tokenhive.broker import wire
+from tokenhive.broker.gateway import Gateway
 from tokenhive.broker.job import Job, JobState
 from tokenhive.broker.registry import Worker
 from tokenhive.broker.sink import GONE, SENT
 from tokenhive.broker.state import BrokerState
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import encode, stream_decoder
-from tokenhive.schemas.messages import CancelWork, Dispatch, Error, Final
+from tokenhive.schemas.messages import CancelWork, Dispatch, Error, Final, StreamMsg
 
 log = logging.getLogger("tokenhive.broker")
 
@@ -30,6 +31,7 @@ log = logging.getLogger("tokenhive.broker")
 class JobFlow:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
+        self.gateway = Gateway(state)  # groups, fallbacks, cooldowns, profiles
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -99,6 +101,8 @@ class JobFlow:
         fields.setdefault("chunks_sent", job.chunks)
         if job.chunks:
             fields.setdefault("retryable", False)  # never re-run what already streamed
+        if job.tried:
+            fields.setdefault("tried", list(job.tried))
         worker = job.worker.name if job.worker is not None else ""
         body = wire.error_body(job.id, code, message, worker=worker, **fields)
         self.finish(job, body, "cancelled" if code is ErrorCode.CANCELLED else "failed")
@@ -127,9 +131,10 @@ class JobFlow:
         state.counts[outcome] += 1
         state.send_client(job.client, body)
 
-    def terminal(self, job: Job, body: bytes) -> tuple[bytes, str]:
+    def terminal(self, job: Job, body: bytes) -> tuple[bytes, str, StreamMsg | None]:
         """Check a worker's terminal before forwarding it: the client must get a valid
-        Final or Error for this request id, or it would wait forever."""
+        Final or Error for this request id, or it would wait forever. Returns the body to
+        send, the outcome and the decoded terminal (None when it was not valid)."""
         try:
             msg = stream_decoder.decode(body)
         except msgspec.DecodeError as exc:
@@ -137,8 +142,9 @@ class JobFlow:
         else:
             if isinstance(msg, (Final, Error)) and msg.id == job.id:
                 if isinstance(msg, Final):
-                    return body, "completed"
-                return body, "cancelled" if msg.code is ErrorCode.CANCELLED else "failed"
+                    return body, "completed", msg
+                outcome = "cancelled" if msg.code is ErrorCode.CANCELLED else "failed"
+                return body, outcome, msg
             problem = f"a {type(msg).__name__} for id {msg.id!r}"
         self.state.counts["bad_terminals"] += 1
         worker = job.worker.name if job.worker is not None else ""
@@ -146,7 +152,7 @@ class JobFlow:
         return wire.error_body(
             job.id, ErrorCode.INTERNAL, f"worker {worker} ended the request with {problem}",
             chunks_sent=job.chunks, worker=worker, retryable=False,
-        ), "failed"
+        ), "failed", None
 
     # -- losing peers ----------------------------------------------------------------------
 
@@ -163,6 +169,8 @@ class JobFlow:
         # a worker leaving idle (drained, stopped) is routine; losing work is not
         log.log(logging.WARNING if jobs else logging.INFO, "worker removed", extra={
             "worker": worker.name, "model": worker.model, "why": why, "in_flight": len(jobs)})
+        if jobs:
+            self.gateway.worker_died(worker.model)
         for job in jobs:  # newest first, each to the front: the oldest ends up leading
             state.inflight.remove(job)
             if job.chunks == 0 and job.attempts < state.cfg.max_attempts:
@@ -172,6 +180,8 @@ class JobFlow:
                 job.enqueued_at = state.now
                 state.queue(job.model).push(job, front=True)
                 state.counts["requeued"] += 1
+                continue
+            if job.chunks == 0 and self.gateway.fall_back(job, f"worker lost ({why})"):
                 continue
             state.counts["worker_lost"] += 1
             if job.chunks:

@@ -22,8 +22,8 @@ class Job:
 
     __slots__ = (
         "accepted_at", "attempts", "chunk_route", "chunks", "client", "deadline",
-        "dispatched_at", "end_route", "enqueued_at", "first_at", "key", "queue_token",
-        "request", "seq", "state", "worker", "worker_ident",
+        "dispatched_at", "end_route", "enqueued_at", "first_at", "key", "plan", "queue_token",
+        "request", "seq", "state", "tried", "worker", "worker_ident",
     )
 
     def __init__(
@@ -38,6 +38,9 @@ class Job:
         self.state = JobState.QUEUED
         self.attempts = 0  # dispatches so far
         self.queue_token = 0  # which queue entry is the live one (see ModelQueue)
+        # The gateway (gateway.py): models still to try, and those tried, in order.
+        self.plan: list[str] = []
+        self.tried: list[str] = []
         # Set per dispatch:
         self.key = b""
         self.chunk_route = b""

@@ -20,6 +20,7 @@ class Worker:
         "active", "backend", "cancelling", "detail", "device", "failed", "health", "ident",
         "kinds", "last_dispatch", "last_seen", "latency_ms", "memory_mb", "model", "name",
         "pid", "registered_seq", "reported_free", "reported_in_flight", "served", "slots",
+        "upstream",
     )
 
     def __init__(self, ident: bytes, ready: Ready, now: float, seq: int) -> None:
@@ -27,6 +28,7 @@ class Worker:
         self.name = ready.worker
         self.model = ready.model
         self.backend = ready.backend
+        self.upstream = ready.upstream_model  # remote backends: for the price table
         self.slots = ready.slots
         self.kinds = frozenset(ready.kinds)
         self.device = ready.device

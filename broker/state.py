@@ -13,12 +13,15 @@ import time
 from collections.abc import Callable
 
 from tokenhive.broker.balancer import Balancer, make_balancer
+from tokenhive.broker.cooldown import Cooldowns
+from tokenhive.broker.cost import PriceBook
 from tokenhive.broker.deadlines import DeadlineHeap
 from tokenhive.broker.inflight import InFlight, KeyMaker
 from tokenhive.broker.job import ClientState
 from tokenhive.broker.queue import ModelQueue
 from tokenhive.broker.registry import Worker, WorkerRegistry
 from tokenhive.broker.sink import GONE, Sink
+from tokenhive.broker.spend import SpendBook
 from tokenhive.broker.status import COUNTERS
 from tokenhive.schemas.config import BrokerConfig
 
@@ -62,6 +65,11 @@ class BrokerState:
         self.stalled_since: dict[str, float] = {}  # model -> since when nobody can serve it
         # model -> why its workers failed for good (from the supervisor; cleared on a Ready)
         self.failed_models: dict[str, str] = {}
+        # the gateway: failing models, prices, what finished requests used
+        self.cooldowns = Cooldowns(config.cooldown_failures, config.cooldown_window,
+                                   config.cooldown_s)
+        self.prices = PriceBook(config.prices)
+        self.spend = SpendBook()
         self.last_ping = float("-inf")
         self.last_housekeeping = float("-inf")
 

@@ -24,6 +24,9 @@ COUNTERS = (
     "worker_lost",       # accepted, then failed because workers died
     "no_healthy_worker", # accepted, then failed: the model's workers stayed unhealthy
     "model_failed",      # failed at once: the supervisor reported the model's workers failed
+    "budget_exceeded",   # refused: the request's profile spent a token or USD budget
+    "fallbacks",         # a request moved to the next model of its group/fallbacks
+    "cooldowns",         # a model's failures put it in cooldown
     "requeued",          # put back at the front after a worker died before streaming
     "dispatched",        # Dispatch messages sent
     "bad_frames",        # garbage on either socket: frame count, undecodable, not a version frame

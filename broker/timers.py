@@ -32,6 +32,8 @@ class Timers:
             state.counts["deadline_exceeded"] += 1
             self.flow.end(job, ErrorCode.DEADLINE_EXCEEDED, f"deadline passed while {where}")
         self._check_workers(now)
+        if self.flow.gateway.routed:
+            self.flow.gateway.move_stalled()
         liveness = state.cfg.client_liveness
         for ident, client in list(state.clients.items()):
             if now - client.last_seen > liveness:
@@ -67,7 +69,7 @@ class Timers:
         Workers that are loading count as able: loading a model may take minutes."""
         state = self.state
         limit = state.cfg.no_worker_timeout
-        for model, queue in state.queues.items():
+        for model, queue in list(state.queues.items()):  # a fallback may add a queue
             workers = state.registry.of_model(model)
             if not queue or any(w.health in _WILL_SERVE for w in workers):
                 state.stalled_since.pop(model, None)
@@ -84,5 +86,7 @@ class Timers:
                 why = f"no live worker for model {model!r} for {limit:g}s"
             for job in list(queue):
                 if now - max(since, job.enqueued_at) >= limit:
+                    if job.plan and self.flow.gateway.fall_back(job, why):
+                        continue
                     state.counts[counter] += 1
                     self.flow.end(job, code, why, retryable=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from tokenhive.broker.balancer import BALANCERS
+from tokenhive.broker.validate_gateway import gateway_problems
 from tokenhive.schemas.config import BrokerConfig
 
 MIN_MESSAGE_BYTES = 4096  # below this even a small request or a status reply would not fit
@@ -40,4 +41,5 @@ def config_problems(cfg: BrokerConfig) -> list[str]:
         address = getattr(cfg, field)
         need(address.partition("://")[0] in ("tcp", "ipc", "inproc"),
              f"{field} must be a tcp://, ipc:// or inproc:// address, got {address!r}")
+    problems += gateway_problems(cfg)
     return problems

@@ -12,11 +12,14 @@ import logging
 import msgspec
 
 from tokenhive.broker import wire
+from tokenhive.broker.cost import cost_usd
 from tokenhive.broker.flow import JobFlow
+from tokenhive.broker.job import Job
+from tokenhive.broker.registry import Worker
 from tokenhive.broker.state import BrokerState
 from tokenhive.schemas.errors import ErrorCode
-from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, worker_msg_decoder
-from tokenhive.schemas.messages import Goodbye, Health, Heartbeat, Ready
+from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, encode, worker_msg_decoder
+from tokenhive.schemas.messages import Error, Final, Goodbye, Health, Heartbeat, Ready
 
 log = logging.getLogger("tokenhive.broker")
 
@@ -159,13 +162,36 @@ class WorkerEvents:
         if not job.first_at:
             job.first_at = state.now
         worker.record_latency((job.first_at - job.dispatched_at) * 1000.0)
-        answer, outcome = self.flow.terminal(job, body)
+        answer, outcome, msg = self.flow.terminal(job, body)
+        state.dirty.add(worker.model)
         if outcome == "completed":
             worker.served += 1
+            answer = self._settled(job, worker, msg, answer)  # type: ignore[arg-type]
         else:
             worker.failed += 1
+            if isinstance(msg, Error):
+                if self.flow.gateway.after_error(job, msg):
+                    return  # moved to its next model: the answer will come from there
+                if job.tried:
+                    msg.tried = list(job.tried)
+                    answer = encode(msg)
         self.flow.finish(job, answer, outcome)
-        state.dirty.add(worker.model)
+
+    def _settled(self, job: Job, worker: Worker, final: Final, body: bytes) -> bytes:
+        """Price a Final, add it to the spend tables, and say which models served and were
+        tried; re-encoded only when something changed (the Final of an unpriced model that
+        needed no fallback goes out as the worker sent it)."""
+        state = self.state
+        usage = final.usage
+        price = state.prices.price_of(worker.model, worker.backend, worker.upstream)
+        cost = cost_usd(price, usage)
+        state.spend.record(worker.model, job.request.profile, usage, cost, state.now)
+        if not cost and not job.tried and final.model:
+            return body
+        usage.cost_usd = cost
+        final.model = final.model or worker.model
+        final.tried = list(job.tried)
+        return encode(final)
 
     def _stray(self, ident: bytes, route: bytes, counter: str) -> None:
         """A stream message for a request that is not (or no longer) in flight there."""

@@ -27,6 +27,8 @@ from typing import Literal
 
 import msgspec
 
+from tokenhive.schemas.gateway_config import ModelGroup, ModelRoute, Price, Profile
+
 DEFAULT_CLIENTS = "tcp://127.0.0.1:5555"
 
 
@@ -82,6 +84,19 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # waiting this long (retryable); their own deadline may end them sooner
     no_worker_timeout: float = 30.0
     limits: Limits = Limits()  # frozen, so one shared default is safe
+    # The gateway (schemas/gateway_config.py): groups, fallbacks, profiles, prices.
+    groups: dict[str, ModelGroup] = msgspec.field(default_factory=dict)
+    models: dict[str, ModelRoute] = msgspec.field(default_factory=dict)
+    profiles: dict[str, Profile] = msgspec.field(default_factory=dict)
+    prices: dict[str, Price] = msgspec.field(default_factory=dict)
+    # a queued request with fallbacks left moves on after waiting this long while its
+    # model has no healthy worker
+    fallback_wait: float = 5.0
+    # a model whose workers fail cooldown_failures times within cooldown_window seconds is
+    # skipped (while an alternative exists) for cooldown_s seconds
+    cooldown_failures: int = 3
+    cooldown_window: float = 60.0
+    cooldown_s: float = 30.0
 
 
 class WorkerSpec(msgspec.Struct, tag_field="backend", forbid_unknown_fields=True, kw_only=True):
@@ -106,6 +121,9 @@ class EchoSpec(WorkerSpec, tag="echo"):
     context_length: int = 8192
     embedding_dim: int = 8
     load_seconds: float = 0.0  # simulated load time (health is `loading` meanwhile)
+    # Every request fails with this error code, as the ``echo_fail`` request metadata would
+    # (a worker standing for a failing upstream: tests of fallbacks and cooldowns). "": off.
+    fail: str = ""
 
 
 class GGUFSpec(WorkerSpec, tag="gguf"):
@@ -227,6 +245,23 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     workers: list[AnyWorkerSpec] = msgspec.field(default_factory=list)
     log_level: str = "info"
     restart_backoff_max: float = 30.0  # seconds, for restarting dead workers
+    # Gateway tables may sit at the top level of the pool file ([groups.X], [models.X],
+    # [profiles.X], [prices.X]); they are the broker's, so they move into ``broker``.
+    groups: dict[str, ModelGroup] = msgspec.field(default_factory=dict)
+    models: dict[str, ModelRoute] = msgspec.field(default_factory=dict)
+    profiles: dict[str, Profile] = msgspec.field(default_factory=dict)
+    prices: dict[str, Price] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for table in ("groups", "models", "profiles", "prices"):
+            top: dict[str, object] = getattr(self, table)
+            inner: dict[str, object] = getattr(self.broker, table)
+            for name in top:
+                if name in inner:
+                    raise ValueError(f"{table}.{name} is given both at the top level and "
+                                     f"under [broker]")
+            inner.update(top)
+            top.clear()
 
 
 def load_pool_config(text: str | bytes) -> PoolConfig:

@@ -21,7 +21,8 @@ Exception tree::
     ├── ModelLoadFailed                 model_load_failed      (not retryable)
     │   └── ModelFailed                 model_failed           (not retryable: workers crash)
     ├── BrokerUnavailable               broker_unavailable     (retryable)
-    └── InternalError                   internal               (not retryable)
+    ├── InternalError                   internal               (not retryable)
+    └── BudgetExceeded                  budget_exceeded        (not retryable: a profile's budget)
 
 ``error_from_code`` turns a wire ``(code, message)`` back into the matching exception;
 ``TokenHiveError.code`` goes the other way.
@@ -49,6 +50,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_FAILED = "model_failed"
     BROKER_UNAVAILABLE = "broker_unavailable"
     INTERNAL = "internal"
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 #: code -> retryable. The single source of truth for retry decisions.
@@ -69,6 +71,9 @@ RETRYABLE: dict[ErrorCode, bool] = {
     ErrorCode.MODEL_FAILED: False,
     ErrorCode.BROKER_UNAVAILABLE: True,
     ErrorCode.INTERNAL: False,
+    # A profile's token or dollar budget is spent for its window; retry_after says when the
+    # window frees, but retrying blindly would only spin, so the client does not.
+    ErrorCode.BUDGET_EXCEEDED: False,
 }
 
 
@@ -166,12 +171,19 @@ class InternalError(TokenHiveError):
     code = ErrorCode.INTERNAL
 
 
+class BudgetExceeded(TokenHiveError):
+    """A request of a profile (``[profiles.NAME]``) whose token or USD budget is spent."""
+
+    code = ErrorCode.BUDGET_EXCEEDED
+
+
 _BY_CODE: dict[ErrorCode, type[TokenHiveError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest, ContextTooLong, UnknownModel, ProtocolMismatch, Overloaded,
         RateLimited, DeadlineExceeded, Cancelled, WorkerLost, BackendError, BackendTimeout,
         BackendUnavailable, ModelLoadFailed, ModelFailed, BrokerUnavailable, InternalError,
+        BudgetExceeded,
     )
 }
 

@@ -109,6 +109,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     deadline: float | None = None
     timeout: float | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    # A ``[profiles.NAME]`` of the broker config: its model, sampling, system prompt and
+    # priority fill what this request leaves unset, and its budgets apply.
+    profile: str | None = None
     tools: list[Tool] = msgspec.field(default_factory=list)  # functions the model may call
     tool_choice: ToolChoice | None = None  # None: "auto" when tools are offered
     response_format: ResponseFormat | None = None  # json_object / json_schema output
@@ -124,6 +127,8 @@ class Usage(msgspec.Struct, omit_defaults=True, array_like=True):
     completion_tokens: int = 0
     total_tokens: int = 0
     estimated: bool = False  # True when the backend could not count exactly
+    cost_usd: float = 0.0  # set by the broker from its price table (0: unpriced or local)
+    cached_tokens: int = 0  # of prompt_tokens, those the upstream served from its cache
 
 
 class Timings(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -140,6 +145,7 @@ class Chunk(msgspec.Struct, tag="c", array_like=True, omit_defaults=True):
     text: str = ""
     tokens: int = 0
     tool_calls: list[ToolCallDelta] | None = None  # streamed pieces of the answer's calls
+    cumulative_tokens: int = 0  # completion tokens so far, this chunk's included
 
 
 class Final(msgspec.Struct, tag="f", array_like=True, omit_defaults=True):
@@ -150,6 +156,8 @@ class Final(msgspec.Struct, tag="f", array_like=True, omit_defaults=True):
     timings: Timings = msgspec.field(default_factory=Timings)
     worker: str = ""
     embeddings: list[list[float]] | None = None
+    model: str = ""  # the backing model that served (a group's member, or a fallback)
+    tried: list[str] = msgspec.field(default_factory=list)  # models that failed first, in order
 
 
 class Error(msgspec.Struct, tag="e", array_like=True, omit_defaults=True):
@@ -160,6 +168,7 @@ class Error(msgspec.Struct, tag="e", array_like=True, omit_defaults=True):
     chunks_sent: int = 0
     retry_after: float | None = None
     worker: str = ""
+    tried: list[str] = msgspec.field(default_factory=list)  # models tried, in order (fallbacks)
 
     @classmethod
     def of(
@@ -237,12 +246,26 @@ class WorkerStatus(msgspec.Struct, omit_defaults=True):
     last_seen_s: float = 0.0
 
 
+class Spend(msgspec.Struct, omit_defaults=True):
+    """Completed requests and what they used, per model or per profile, since broker start."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    estimated: int = 0  # requests whose usage the backend could only estimate
+
+
 class StatusReply(msgspec.Struct, tag="status", array_like=True):
     workers: list[WorkerStatus]
     queues: dict[str, int]  # model -> queued requests
     in_flight: int
     counters: dict[str, int]  # accepted, completed, failed, bad_frames, wrong_version, ...
     uptime_s: float = 0.0
+    groups: dict[str, list[str]] = msgspec.field(default_factory=dict)  # group -> its models
+    cooldowns: dict[str, float] = msgspec.field(default_factory=dict)  # model -> seconds left
+    spend_by_model: dict[str, Spend] = msgspec.field(default_factory=dict)
+    spend_by_profile: dict[str, Spend] = msgspec.field(default_factory=dict)
 
 
 ClientMsg = Submit | Cancel | Ping | StatusQuery | MarkModelFailed
@@ -272,6 +295,7 @@ class Ready(msgspec.Struct, tag="ready", omit_defaults=True):
     memory_mb: float = 0.0
     health: Health = Health.OK
     detail: str = ""
+    upstream_model: str = ""  # remote backends: the model name sent upstream (for pricing)
 
 
 class Heartbeat(msgspec.Struct, tag="hb", omit_defaults=True):
@@ -329,6 +353,6 @@ __all__ = [
     "BrokerPing", "BrokerToClientMsg", "BrokerToWorkerMsg", "Cancel", "CancelWork", "Chunk",
     "ClientMsg", "Dispatch", "Error", "Final", "Goodbye", "Health", "Heartbeat", "Kind",
     "MarkModelFailed", "Message", "Ping", "Pong", "Priority", "PriorityLevel", "Ready", "Rejected",
-    "Request", "Reregister", "Sampling", "StatusQuery", "StatusReply", "StreamMsg", "Submit",
-    "Timings", "Usage", "WorkerMsg", "WorkerStatus",
+    "Request", "Reregister", "Sampling", "Spend", "StatusQuery", "StatusReply", "StreamMsg",
+    "Submit", "Timings", "Usage", "WorkerMsg", "WorkerStatus",
 ]

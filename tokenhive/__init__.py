@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         BackendTimeout,
         BackendUnavailable,
         BrokerUnavailable,
+        BudgetExceeded,
         Cancelled,
         ContextTooLong,
         DeadlineExceeded,
@@ -49,7 +50,7 @@ _ERRORS = (
     "TokenHiveError", "ErrorCode", "InvalidRequest", "ContextTooLong", "UnknownModel",
     "ProtocolMismatch", "Overloaded", "RateLimited", "DeadlineExceeded", "Cancelled",
     "WorkerLost", "BackendError", "BackendTimeout", "BackendUnavailable", "ModelLoadFailed",
-    "ModelFailed", "BrokerUnavailable", "InternalError",
+    "ModelFailed", "BrokerUnavailable", "InternalError", "BudgetExceeded",
 )
 _WHERE = {**dict.fromkeys(_CLIENTS, "tokenhive.clients"),
           **dict.fromkeys(_ERRORS, "tokenhive.schemas.errors")}
@@ -61,6 +62,7 @@ __all__ = [
     "BackendTimeout",
     "BackendUnavailable",
     "BrokerUnavailable",
+    "BudgetExceeded",
     "Cancelled",
     "Client",
     "ContextTooLong",

@@ -28,6 +28,7 @@ class ChunkStream:
         self._id = request_id
         self._window = window_s
         self.sent = 0
+        self.cumulative = 0  # tokens in the chunks sent so far (Chunk.cumulative_tokens)
         self._texts: list[str] = []
         self._tokens = 0  # tokens waiting to go out (also those of empty-text deltas)
         self._timer: asyncio.TimerHandle | None = None
@@ -83,7 +84,9 @@ class ChunkStream:
     def _emit(
         self, text: str, tokens: int, tool_calls: list[ToolCallDelta] | None = None
     ) -> None:
-        body = encode(Chunk(self._id, self.sent, text, tokens, tool_calls=tool_calls))
+        self.cumulative += tokens
+        body = encode(Chunk(self._id, self.sent, text, tokens, tool_calls=tool_calls,
+                            cumulative_tokens=self.cumulative))
         waiting = self._link.send([VERSION_FRAME, self._route, body])
         if waiting is not None:
             self._last = waiting

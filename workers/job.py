@@ -141,6 +141,7 @@ class Job:
         return Final(
             id=self.request.id, chunks=self.chunks.sent, finish_reason=finish_reason,
             usage=usage, timings=self._timings(), worker=self.worker_id,
+            model=self.request.model,  # the backing model (the broker resolved groups)
         )
 
     def stopped(self) -> Error:

@@ -43,7 +43,13 @@ import signal
 import time
 from pathlib import Path
 
-from tokenhive.schemas.config import WorkerConfig
+from tokenhive.schemas.config import (
+    AnthropicSpec,
+    AnyWorkerSpec,
+    AzureSpec,
+    OpenAISpec,
+    WorkerConfig,
+)
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import (
     CancelWork,
@@ -235,6 +241,7 @@ class WorkerRuntime:
             slots=self.spec.slots, context_length=info.context_length, device=info.device,
             kinds=list(info.kinds), pid=os.getpid(), memory_mb=info.memory_mb or rss_mb(),
             health=verdict.health, detail=verdict.detail,
+            upstream_model=upstream_name(self.spec),
         )
 
     def heartbeat(self) -> Heartbeat:
@@ -310,3 +317,13 @@ class WorkerRuntime:
         for job in list(self.jobs.values()):
             job.cancel(reason)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def upstream_name(spec: AnyWorkerSpec) -> str:
+    """The model name a remote backend sends upstream (what the broker's price table is
+    keyed by); "" for local backends."""
+    if isinstance(spec, AzureSpec):
+        return spec.deployment
+    if isinstance(spec, (OpenAISpec, AnthropicSpec)):
+        return spec.upstream_model or spec.model
+    return ""

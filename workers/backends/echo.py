@@ -135,7 +135,7 @@ class EchoBackend(Backend):
 
     def _check(self, request: Request, at_token: int) -> None:
         """Raise the error the ``echo_fail`` test hook asks for, once ``at_token`` is reached."""
-        fail = request.metadata.get("echo_fail")
+        fail = request.metadata.get("echo_fail") or self.spec.fail
         if not fail or at_token != int(request.metadata.get("echo_fail_after", "0")):
             return
         if fail == "crash":
