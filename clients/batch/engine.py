@@ -127,7 +127,14 @@ class BatchEngine:
             line, ok = error_line(item.custom_id, InternalError(repr(exc))), False
         else:
             line, ok = success_line(item, result), True
-        await self._record(key, line, ok)
+        # the result is in hand: a cancel arriving now waits for it to be recorded, so a
+        # line that ran is never lost (and never run again)
+        recording = asyncio.ensure_future(self._record(key, line, ok))
+        try:
+            await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            await recording
+            raise
 
     async def _execute(self, item: BatchItem) -> Result:
         attempt = 1

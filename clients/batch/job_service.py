@@ -70,6 +70,11 @@ class JobService:
     def in_flight(self) -> int:
         return self._engine.in_flight
 
+    @property
+    def succeeded(self) -> int:
+        """Lines this service ran to a success (and recorded) since it started."""
+        return self._engine.succeeded
+
     def wake(self) -> None:
         """Look at the store now (a batch was created or cancelled through this server)."""
         self._housekeeping_at = 0.0
