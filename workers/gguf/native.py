@@ -23,9 +23,9 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from llama_cpp import _logger as llama_logger
 
 from tokenhive.schemas.errors import ModelLoadFailed
+from tokenhive.workers.gguf import llama_log
 from tokenhive.workers.gguf.cpu_check import HINT, check_cpu
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,10 @@ class LlamaNative:
     def __init__(self, p: NativeParams) -> None:
         global _backend_ready
         check_cpu()
+        llama_log.install(p.verbose)  # before the first call that logs (backend init)
         if not _backend_ready:
             llama_cpp.llama_backend_init()
             _backend_ready = True
-        llama_logger.set_verbose(p.verbose)
         self.params = p
         self.model = None
         self.ctx = None
