@@ -6,6 +6,11 @@ whose events arrive on an ``asyncio.Queue``. Leaving ``stream()`` early (the run
 cancels the task, or closes the iterator) cancels the job: the engine drops it between two
 tokens and the other sequences carry on.
 
+Tools and structured output: ``response_format`` and a forced tool call become a grammar
+the engine applies to the request's sequence (``gguf/grammar.py``); tools reach the prompt
+through the chat template or as instructions (``gguf/tool_prompt.py``); calls are read back
+out of the text (``gguf/tool_output.py``: exact when forced, best effort with "auto").
+
 In embedding mode (``spec.embedding``) the model is loaded by ``GGUFEmbedder`` instead and
 only ``embed()`` is served.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import llama_cpp
@@ -32,9 +37,17 @@ from tokenhive.workers.backend import Backend, BackendInfo, Delta, Done, Embeddi
 from tokenhive.workers.gguf.chat_format import ChatFormatter, make_chat_formatter
 from tokenhive.workers.gguf.embed import GGUFEmbedder
 from tokenhive.workers.gguf.engine import GGUFEngine
+from tokenhive.workers.gguf.grammar import forced_tools, request_grammar
 from tokenhive.workers.gguf.native import NativeParams
 from tokenhive.workers.gguf.sampling import check_sampling
 from tokenhive.workers.gguf.slots import Job
+from tokenhive.workers.gguf.tool_output import ToolOutputFilter
+from tokenhive.workers.gguf.tool_prompt import (
+    has_tool_turns,
+    tool_dicts,
+    tools_offered,
+    with_tool_instructions,
+)
 from tokenhive.workers.models.gguf_file import read_gguf_metadata
 from tokenhive.workers.models.source import resolve_model
 
@@ -145,22 +158,54 @@ class GGUFBackend(Backend):
                 raise InvalidRequest("a completion request needs a prompt")
             prompt, add_bos = request.prompt, self._native_add_bos()
         elif request.kind is Kind.CHAT:
+            prompt, add_bos = self._chat_prompt(request)
             assert self._formatter is not None
-            prompt, add_bos = self._formatter(request.messages), self._formatter.add_bos
             stops += [s for s in self._formatter.stop if s not in stops]
         else:
             raise InvalidRequest(f"{request.kind.value} requests go to an embedding worker")
         return Job(
             key=next(self._keys), request_id=request.id, prompt=prompt, add_bos=add_bos,
             sampling=request.sampling, stops=stops, loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(),
+            queue=asyncio.Queue(), grammar=request_grammar(request),
         )
+
+    def _chat_prompt(self, request: Request) -> tuple[str, bool]:
+        formatter = self._formatter
+        assert formatter is not None
+        messages, offered = request.messages, tools_offered(request)
+        if formatter.native_tools:
+            tools = tool_dicts(request.tools) if offered else None
+            return formatter(messages, tools), formatter.add_bos
+        if offered or has_tool_turns(messages):
+            messages = with_tool_instructions(messages, request.tools if offered else [])
+        return formatter(messages), formatter.add_bos
 
     def _native_add_bos(self) -> bool:
         assert self.engine is not None and self.engine.native is not None
         return self.engine.native.add_bos
 
-    async def stream(self, request: Request) -> AsyncIterator[Delta | Done]:
+    def stream(self, request: Request) -> AsyncIterator[Delta | Done]:
+        events = self._engine_events(request)
+        if request.kind is not Kind.CHAT or not tools_offered(request):
+            return events
+        names = {t.function.name for t in request.tools}
+        return self._tool_events(events, ToolOutputFilter(bool(forced_tools(request)), names))
+
+    async def _tool_events(
+        self, events: AsyncGenerator[Delta | Done], tools: ToolOutputFilter
+    ) -> AsyncIterator[Delta | Done]:
+        try:
+            async for event in events:
+                if isinstance(event, Done):
+                    for item in tools.finish(event):
+                        yield item
+                    return
+                if (passed := tools.feed(event)) is not None:
+                    yield passed
+        finally:
+            await events.aclose()  # now, not at garbage collection: it cancels the job
+
+    async def _engine_events(self, request: Request) -> AsyncGenerator[Delta | Done]:
         job = self.make_job(request)
         engine = self.engine
         assert engine is not None

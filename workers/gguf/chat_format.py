@@ -19,6 +19,11 @@ adds the BOS/EOS token texts under derived keys) or llama-cpp-python's ``Llama.m
 (which has only token ids; pass ``bos_token=``/``eos_token=`` texts then, e.g. from
 ``llama._model.token_get_text(llama.token_bos())``).
 
+Tools: a template that uses the ``tools`` variable gets the request's tools (OpenAI's
+``{"type": "function", "function": {...}}`` dicts) and messages with ``tool_calls`` (arguments
+as an object, as Hugging Face templates expect) and ``tool_call_id``; ``native_tools`` says
+so. Formats without it get the tools described in a system turn instead (``tool_prompt``).
+
 ``add_bos`` tells the engine how to tokenize the result: True -> let the tokenizer prepend
 BOS; False -> the text already begins with the BOS token's text. Either way tokenize with
 ``special=True`` so template markers become their special tokens.
@@ -53,8 +58,11 @@ class ChatFormatter(Protocol):
     name: str
     stop: list[str]
     add_bos: bool
+    native_tools: bool  # renders ``tools`` and tool turns itself
 
-    def __call__(self, messages: list[Message]) -> str: ...
+    def __call__(
+        self, messages: list[Message], tools: list[dict[str, Any]] | None = None
+    ) -> str: ...
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -97,12 +105,28 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
+def _arguments(text: str) -> Any:
+    """A call's arguments as the object templates expect (the text if it is not JSON)."""
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return text
+
+
+def as_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
     out = []
     for m in messages:
-        d = {"role": m.role, "content": m.content}
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
 
@@ -123,6 +147,7 @@ class TemplateFormatter:
         if eos_token and eos_token not in self.stop:
             self.stop.append(eos_token)
         self.add_bos = add_bos_default and not self._renders_bos()
+        self.native_tools = "tools" in source
 
     def _renders_bos(self) -> bool:
         """Does the template write BOS itself? (then the tokenizer must not add another)"""
@@ -134,10 +159,12 @@ class TemplateFormatter:
             return "bos_token" in self.source
         return probe.startswith(self.bos_token)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                messages=messages, tools=tools, documents=None, add_generation_prompt=True,
                 bos_token=self.bos_token, eos_token=self.eos_token,
             )
         except jinja2.exceptions.TemplateError as e:
@@ -145,9 +172,11 @@ class TemplateFormatter:
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise InvalidRequest(f"chat template failed on these messages: {e!r}") from e
 
-    def __call__(self, messages: list[Message]) -> str:
+    def __call__(
+        self, messages: list[Message], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         check_messages(messages)
-        return self.render(as_dicts(messages))
+        return self.render(as_dicts(messages), tools or None)
 
 
 class NoChatFormat:
@@ -155,11 +184,14 @@ class NoChatFormat:
 
     name = "none"
     add_bos = True
+    native_tools = False
 
     def __init__(self) -> None:
         self.stop: list[str] = []
 
-    def __call__(self, messages: list[Message]) -> str:
+    def __call__(
+        self, messages: list[Message], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         raise InvalidRequest(
             "this model has no chat template and no chat_format is configured; set "
             f"chat_format to one of {sorted(NAMED_FORMATS)} or send a completion request"

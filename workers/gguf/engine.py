@@ -31,10 +31,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from tokenhive.schemas.errors import BackendError, ContextTooLong, InvalidRequest, TokenHiveError
+from tokenhive.schemas.errors import BackendError, TokenHiveError
 from tokenhive.schemas.messages import Usage
 from tokenhive.workers.backend import Delta, Done
 from tokenhive.workers.gguf.detok import Detokenizer, PieceCache
+from tokenhive.workers.gguf.grammar_gate import GrammarDeadEnd
+from tokenhive.workers.gguf.intake import prepare
 from tokenhive.workers.gguf.native import DECODE_NO_KV_SLOT, LlamaNative, NativeParams
 from tokenhive.workers.gguf.outbox import Outbox
 from tokenhive.workers.gguf.sampling import PENALTY_LAST_N, SamplerChain
@@ -169,39 +171,22 @@ class GGUFEngine:
             return True
 
     def _accept(self, job: Job) -> None:
-        """Tokenize and check against the per-slot context now, so an oversized request is
-        refused at once, even while every slot is busy."""
+        """Tokenize, check against the context, compile the grammar (``intake.prepare``)."""
         assert self.native is not None
-        try:
-            tokens = self.native.tokenize(job.prompt, job.add_bos)
-            if not tokens:
-                raise InvalidRequest("the prompt is empty")
-            n, room = len(tokens), self.n_ctx - len(tokens)
-            max_tokens = job.sampling.max_tokens
-            if max_tokens is None:
-                if room < 1:
-                    raise ContextTooLong(
-                        f"prompt is {n} tokens, the context is {self.n_ctx} tokens per slot: "
-                        "no room left to generate"
-                    )
-                max_tokens = room
-            elif max_tokens > room:
-                raise ContextTooLong(
-                    f"prompt {n} tokens + max_tokens {max_tokens} = {n + max_tokens} exceeds "
-                    f"the context of {self.n_ctx} tokens per slot"
-                )
-        except TokenHiveError as e:
-            self._outbox.put(job, e)
-            return
         seed = job.sampling.seed
         if seed is None:
             seed = self._seeds.getrandbits(32)
-        self._waiting.append(Admitted(job, tokens, max_tokens, seed))
+        try:
+            self._waiting.append(prepare(self.native, job, self.n_ctx, seed))
+        except TokenHiveError as e:
+            self._outbox.put(job, e)
 
     def _cancel(self, key: int) -> None:
         for i, adm in enumerate(self._waiting):
             if adm.job.key == key:
                 del self._waiting[i]
+                if adm.gate is not None:
+                    adm.gate.free()
                 return
         for slot in self._slots:
             if slot.run is not None and slot.run.job.key == key:
@@ -218,7 +203,7 @@ class GGUFEngine:
             keep = self._trim_cache(slot, keep)
             self.stats.reused_prompt_tokens += keep
             self._tick += 1
-            sampler = SamplerChain(adm.job.sampling, self.native.n_vocab, adm.seed)
+            sampler = SamplerChain(adm.job.sampling, self.native.n_vocab, adm.seed, adm.gate)
             if sampler.has_penalties:
                 for t in adm.tokens[-PENALTY_LAST_N:]:  # penalties also see the prompt
                     sampler.accept(t)
@@ -265,7 +250,13 @@ class GGUFEngine:
             if run.prefilling:
                 run.next_prompt += n
             if run.batch_row >= 0:
-                self._on_token(slot, run, run.sampler.sample(native.ctx, run.batch_row))
+                try:
+                    token = run.sampler.sample(native.ctx, run.batch_row)
+                except GrammarDeadEnd as e:  # this request only; the others carry on
+                    self._outbox.put(run.job, e)
+                    self._release(slot)
+                    continue
+                self._on_token(slot, run, token)
 
     def _on_token(self, slot: Slot, run: Run, token: int) -> None:
         assert self.native is not None
@@ -340,7 +331,10 @@ class GGUFEngine:
 
     def _fail_everything(self, message: str) -> None:
         while self._waiting:
-            self._outbox.put(self._waiting.popleft().job, BackendError(message))
+            adm = self._waiting.popleft()
+            if adm.gate is not None:
+                adm.gate.free()
+            self._outbox.put(adm.job, BackendError(message))
         for slot in self._slots:
             if slot.run is not None:
                 self._outbox.put(slot.run.job, BackendError(message))

@@ -9,6 +9,7 @@ each format against the official jinja template rendered through ``TemplateForma
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import Message
@@ -38,6 +39,8 @@ def metadata_flag(metadata: dict[str, str], key: str) -> bool | None:
 
 
 class NamedFormatter:
+    native_tools = False  # tools reach these formats as a system turn (tool_prompt.py)
+
     def __init__(
         self, name: str, render: Callable[[Sequence[Message]], str], stop: list[str],
         add_bos: bool,
@@ -47,7 +50,9 @@ class NamedFormatter:
         self.stop = stop
         self.add_bos = add_bos
 
-    def __call__(self, messages: list[Message]) -> str:
+    def __call__(
+        self, messages: list[Message], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         check_messages(messages)
         return self._render(messages)
 

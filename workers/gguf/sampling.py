@@ -10,6 +10,10 @@ Chain order follows llama.cpp / llama-cpp-python: penalties, then either greedy
 (temperature 0 or unset) or top-k -> top-p -> min-p -> temperature -> seeded dist.
 Unset truncation parameters take llama.cpp's usual defaults (top_k 40, top_p 0.95,
 min_p 0.05), the same as llama-server and llama-cpp-python, so results are comparable.
+
+A sequence with an output grammar (JSON schema, forced tool call) has a ``GrammarGate``:
+the chain samples as usual and the grammar checks that one token, resampling over the
+whole vocabulary only when the model's pick is refused (see ``grammar_gate``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import llama_cpp
 
 from tokenhive.schemas.messages import Sampling
 from tokenhive.schemas.validation import validated
+from tokenhive.workers.gguf.grammar_gate import GrammarGate
 
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
@@ -37,7 +42,10 @@ def check_sampling(s: Sampling) -> None:
 class SamplerChain:
     """A native llama.cpp sampler chain for one sequence (engine thread only)."""
 
-    def __init__(self, s: Sampling, n_vocab: int, seed: int) -> None:
+    def __init__(
+        self, s: Sampling, n_vocab: int, seed: int, grammar: GrammarGate | None = None
+    ) -> None:
+        self.grammar = grammar  # owned from here on: freed with the chain
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(params)
@@ -75,9 +83,23 @@ class SamplerChain:
 
     def sample(self, ctx: llama_cpp.llama_context_p, batch_index: int) -> int:
         """Sample from the logits of batch row ``batch_index``; the token is accepted."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, batch_index))
+        gate = self.grammar
+        if gate is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, batch_index))
+        if self.has_penalties:  # the penalty history must only ever see the chosen token
+            token = gate.resample(self._chain, ctx, batch_index)
+            llama_cpp.llama_sampler_accept(self._chain, token)
+        else:  # no sampler in the chain keeps state on accept: sample, then check
+            token = int(llama_cpp.llama_sampler_sample(self._chain, ctx, batch_index))
+            if not gate.allows(token):
+                token = gate.resample(self._chain, ctx, batch_index)
+        gate.accept(token)
+        return token
 
     def free(self) -> None:
+        if self.grammar is not None:
+            self.grammar.free()
+            self.grammar = None
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None

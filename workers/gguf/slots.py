@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from tokenhive.schemas.messages import Sampling
 from tokenhive.workers.gguf.detok import Detokenizer
+from tokenhive.workers.gguf.grammar_gate import GrammarGate
 from tokenhive.workers.gguf.sampling import SamplerChain
 from tokenhive.workers.stops import StopMatcher
 
@@ -32,6 +33,7 @@ class Job:
     stops: list[str]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[object]
+    grammar: str | None = None  # GBNF the output must follow (workers/gguf/grammar.py)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Admitted:
     tokens: list[int]
     max_tokens: int
     seed: int
+    gate: GrammarGate | None = None  # the job's compiled grammar, handed to its sampler
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""One sequence's grammar inside continuous batching (engine thread only).
+
+A llama.cpp grammar sampler per sequence, used the way llama.cpp's own common sampler does
+it, so a grammar costs little per token:
+
+1. sample as usual (the sequence's chain: penalties, top-k, ..., greedy or seeded dist);
+2. ask the grammar about that one token (``llama_sampler_apply`` on a 1-token array): most
+   of the time the model's own choice is allowed, and checking one token is cheap;
+3. only when it is not, apply the grammar to the whole vocabulary (every disallowed token's
+   logit becomes -inf) and sample again from what is left.
+
+The chosen token is then accepted by the grammar (it advances its parse state). A token is
+only ever accepted after the grammar allowed it: llama.cpp aborts the process on a token
+its grammar cannot take. If the grammar allows nothing at all (cannot happen for a grammar
+that parsed, but the process is at stake), ``GrammarDeadEnd`` fails this one request.
+
+The other sequences of the batch are not involved: each step samples every sequence from
+its own logits row, with or without a grammar.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import llama_cpp
+import numpy as np
+
+from tokenhive.schemas.errors import BackendError, InvalidRequest
+
+# llama_token_data: {int32 id; float logit; float p} (12 bytes, no padding)
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarDeadEnd(BackendError):
+    """No token fits the grammar any more."""
+
+
+class _TokenArray:
+    """A ``llama_token_data_array`` over a numpy buffer we own."""
+
+    def __init__(self, n: int) -> None:
+        self.data = np.zeros(n, dtype=TOKEN_DATA)
+        self.struct = llama_cpp.llama_token_data_array(
+            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1,
+            sorted=False,
+        )
+        self.ref = ctypes.byref(self.struct)
+
+    def reset(self, size: int) -> None:
+        self.struct.size = size
+        self.struct.selected = -1
+        self.struct.sorted = False
+
+
+class GrammarGate:
+    def __init__(self, vocab: llama_cpp.llama_vocab_p, n_vocab: int, grammar: str) -> None:
+        self._sampler = llama_cpp.llama_sampler_init_grammar(
+            vocab, grammar.encode("utf-8"), b"root"
+        )
+        if not self._sampler:
+            raise InvalidRequest("the output grammar does not parse (llama.cpp refused it)")
+        self._n_vocab = n_vocab
+        self._one = _TokenArray(1)
+        self._all: _TokenArray | None = None  # the whole vocabulary, made on first need
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self.resamples = 0  # times the model's own pick was refused (for stats and tests)
+
+    def allows(self, token: int) -> bool:
+        one = self._one
+        one.reset(1)
+        one.data[0] = (token, 0.0, 0.0)
+        llama_cpp.llama_sampler_apply(self._sampler, one.ref)
+        return not math.isinf(float(one.data["logit"][0]))
+
+    def resample(
+        self, chain: llama_cpp.llama_sampler_p, ctx: llama_cpp.llama_context_p, row: int
+    ) -> int:
+        """Sample from ``row``'s logits with the grammar applied first, then ``chain``."""
+        self.resamples += 1
+        arr = self._all
+        if arr is None:
+            arr = self._all = _TokenArray(self._n_vocab)
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)
+        )
+        arr.reset(self._n_vocab)
+        arr.data["id"] = self._ids
+        arr.data["logit"] = logits
+        arr.data["p"] = 0.0
+        llama_cpp.llama_sampler_apply(self._sampler, arr.ref)
+        llama_cpp.llama_sampler_apply(chain, arr.ref)
+        selected = arr.struct.selected
+        if not 0 <= selected < arr.struct.size:
+            raise GrammarDeadEnd("no token fits the output grammar")
+        token = int(arr.data["id"][selected])
+        if not self.allows(token):
+            raise GrammarDeadEnd("no token fits the output grammar")
+        return token
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar over ``token`` (which it must allow: see the module doc)."""
+        llama_cpp.llama_sampler_accept(self._sampler, token)
+
+    def free(self) -> None:
+        if self._sampler is not None:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
