@@ -26,10 +26,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.batch.service import BatchJobs, add_batch_arguments, batch_jobs
 from tokenhive.clients.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_log_level, run_async
 from tokenhive.clients.cli.target import add_target_arguments, open_target
 from tokenhive.clients.http.app import build_app
 from tokenhive.clients.http.auth import load_keys
+from tokenhive.clients.http.batch_routes import batch_routes
 from tokenhive.clients.http.body_limit import DEFAULT_MAX_BODY_BYTES
 from tokenhive.clients.http.context import ServeContext, ServeRetry
 from tokenhive.clients.pool.options import ConfigError
@@ -63,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
                         help="on stop, wait this long for open requests to finish")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    add_batch_arguments(parser)
     add_target_arguments(parser)
     add_log_level(parser, "warning")
 
@@ -96,10 +99,13 @@ def bind(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def make_app(args: argparse.Namespace, client: AsyncClient, keys: list[bytes]) -> Starlette:
+def make_app(args: argparse.Namespace, client: AsyncClient, keys: list[bytes],
+             jobs: BatchJobs | None = None) -> Starlette:
     """The application for these flags. (Extra routes and hooks plug in here.)"""
     ctx = ServeContext(client=client, request_timeout=args.request_timeout)
-    return build_app(ctx, api_keys=keys, max_body_bytes=args.max_body_bytes)
+    return build_app(ctx, api_keys=keys, max_body_bytes=args.max_body_bytes,
+                     extra_routes=batch_routes(jobs) if jobs else (),
+                     body_limits=jobs.body_limits if jobs else None)
 
 
 async def _main(args: argparse.Namespace, keys: list[bytes], listener: socket.socket) -> int:
@@ -107,8 +113,9 @@ async def _main(args: argparse.Namespace, keys: list[bytes], listener: socket.so
         async with open_target(args) as target:
             retry = ServeRetry(max_attempts=args.max_attempts)
             async with AsyncClient(target.address, broker_timeout=args.broker_timeout,
-                                   retry=retry) as client:
-                app = make_app(args, client, keys)
+                                   retry=retry) as client, \
+                    batch_jobs(args, client, target.models) as jobs:  # Files/Batches API
+                app = make_app(args, client, keys, jobs)
                 config = uvicorn.Config(
                     app, loop="uvloop", http="httptools", lifespan="on", log_config=None,
                     access_log=args.access_log, limit_concurrency=args.max_connections,
