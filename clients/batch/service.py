@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,16 +89,28 @@ class BatchJobs:
 
 @contextlib.asynccontextmanager
 async def batch_jobs(args: argparse.Namespace, client: AsyncClient,
-                     local_models: Sequence[str] = ()) -> AsyncIterator[BatchJobs]:
-    """Open the job store and run the job service in the background until the block ends."""
+                     local_models: Sequence[str] = ()) -> AsyncIterator[BatchJobs | None]:
+    """Open the job store and run the job service in the background until the block ends.
+
+    Yields None (no Files/Batches API, with a warning) only when the *default* data
+    directory is in use by another server, so several stateless servers can still run on
+    one host; a ``--data-dir`` in use, or any other problem, is a ConfigError."""
     for flag, value in (("--max-file-bytes", args.max_file_bytes),
                         ("--max-batch-lines", args.max_batch_lines),
                         ("--batch-concurrency", args.batch_concurrency),
                         ("--batch-lease", args.batch_lease)):
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0")
-    store = await open_store(data_dir=args.data_dir or default_data_dir(),
-                             url=jobs_db_url(args))
+    url = jobs_db_url(args)
+    try:
+        store = await open_store(data_dir=args.data_dir or default_data_dir(), url=url)
+    except ConfigError as exc:
+        if url or args.data_dir or "in use" not in str(exc):
+            raise
+        print(f"tokenhive serve: warning: Files and Batches API off: {exc}", file=sys.stderr)
+        log.warning("Files and Batches API off: %s", exc)
+        yield None
+        return
     service = JobService(store, client, concurrency=args.batch_concurrency,
                          lease_s=args.batch_lease, model_for=model_chooser(local_models))
     try:

@@ -37,11 +37,15 @@ class SqliteDialect:
             raise ConfigError(f"the data directory {self.path.parent} is in use by another "
                               f"tokenhive serve; give this one its own --data-dir, or share "
                               f"jobs through --jobs-db postgresql://...") from None
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        os.chmod(self.path, 0o600)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses nothing
-        conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            os.chmod(self.path, 0o600)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses nothing
+            conn.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.Error as exc:
+            self._owner.release()
+            raise ConfigError(f"cannot open the job store {self.path}: {exc}") from None
         return conn
 
     def sql(self, text: str) -> str:

@@ -108,5 +108,9 @@ async def open_store(*, data_dir: Path, url: str | None) -> JobStore:
         from tokenhive.clients.batch.sqlite import SqliteDialect
 
         store = SqlJobStore(SqliteDialect(data_dir))
-    await store.open()
+    try:
+        await store.open()
+    except BaseException:
+        await store.aclose()
+        raise
     return store
