@@ -69,7 +69,8 @@ class ServeProcess:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def stderr_text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
