@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Unpack
@@ -36,6 +37,9 @@ class AsyncClient:
 
     ``timeout`` is the default per-request timeout (None: none). ``broker_timeout`` bounds how
     long in-flight requests wait on a silent broker before failing with BrokerUnavailable.
+    ``profile`` names a ``[profiles.NAME]`` of the broker config: its model (when none is
+    given), sampling defaults, system prompt, priority and budgets apply to every request;
+    ``for_agent(name)`` is the same client under another profile, on the same connection.
     """
 
     def __init__(
@@ -49,8 +53,11 @@ class AsyncClient:
         heartbeat_interval: float = 1.0,
         broker_timeout: float = 5.0,
         context: zmq.asyncio.Context | None = None,
+        profile: str | None = None,
     ) -> None:
         self.model = model
+        self.profile = profile
+        self._shares_connection = False  # a for_agent view: closing it leaves the socket
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.priority = priority
@@ -102,7 +109,8 @@ class AsyncClient:
     async def embed(self, inputs: str | Sequence[str], **options: Unpack[EmbedOptions]) -> Result:
         """One vector per input, in ``Result.embeddings``."""
         built = build_request(
-            Kind.EMBEDDING, self.model, options, inputs=to_inputs(inputs), stream=False
+            Kind.EMBEDDING, self.model, options, inputs=to_inputs(inputs), stream=False,
+            default_profile=self.profile,
         )
         request = self._with_defaults(built, explicit_priority="priority" in options)
         return await Stream(Call(self._conn, request, self.retry)).collect()
@@ -132,8 +140,17 @@ class AsyncClient:
         self._conn.send(MarkModelFailed(model=model, reason=reason))
         return await self.status(timeout)
 
+    def for_agent(self, profile: str) -> AsyncClient:
+        """This client under ``profile``: a light view on the same connection (closing the
+        view does nothing; closing the client it came from closes both)."""
+        view = copy.copy(self)
+        view.profile = profile
+        view._shares_connection = True
+        return view
+
     async def aclose(self) -> None:
-        await self._conn.aclose()
+        if not self._shares_connection:
+            await self._conn.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -160,13 +177,15 @@ class AsyncClient:
         if kind is Kind.CHAT:
             assert messages is not None
             built = to_messages(messages, options.get("system"))
-            request = build_request(kind, self.model, options, messages=built, stream=stream)
+            request = build_request(kind, self.model, options, messages=built, stream=stream,
+                                    default_profile=self.profile)
         else:
             if not isinstance(prompt, str):
                 raise InvalidRequest("prompt must be a string")
             if "system" in options:
                 raise InvalidRequest("system is for chat requests, not completions")
-            request = build_request(kind, self.model, options, prompt=prompt, stream=stream)
+            request = build_request(kind, self.model, options, prompt=prompt, stream=stream,
+                                    default_profile=self.profile)
         return self._with_defaults(request, explicit_priority="priority" in options)
 
     def _with_defaults(self, request: Request, explicit_priority: bool = True) -> Request:
@@ -174,4 +193,6 @@ class AsyncClient:
             request.timeout = self.timeout
         if not explicit_priority:
             request.priority = self.priority
+        if request.profile is None and self.profile is not None:
+            request.profile = self.profile
         return request

@@ -80,7 +80,8 @@ class Call:
         return Result(
             id=self._active_id, text="".join(self._parts), finish_reason=final.finish_reason,
             usage=final.usage, timings=final.timings, worker=final.worker, chunks=self._chunks,
-            embeddings=final.embeddings, attempts=self._attempt,
+            embeddings=final.embeddings, attempts=self._attempt, model=final.model,
+            tried=final.tried,
             tool_calls=self._tool_calls.calls() if self._tool_calls else None,
         )
 

@@ -54,10 +54,12 @@ class RequestOptions(TypedDict, total=False):
     tools: ToolsArg  # OpenAI-style function tools (chat only)
     tool_choice: ToolChoiceArg  # "none" | "auto" | "required" | {"type": "function", ...}
     response_format: ResponseFormatArg  # {"type": "json_object"} | {"type": "json_schema", ...}
+    profile: str  # a [profiles.NAME] of the broker: its model, defaults and budgets
 
 
 class EmbedOptions(TypedDict, total=False):
     model: str
+    profile: str
     timeout: float
     request_id: str
     priority: int
@@ -129,10 +131,13 @@ def build_request(
     prompt: str | None = None,
     inputs: list[str] | None = None,
     stream: bool = True,
+    default_profile: str | None = None,
 ) -> Request:
     model = options.get("model") or default_model
-    if not model:
-        raise InvalidRequest("no model given (pass model=... or set the client's default model)")
+    profile = options.get("profile") or default_profile
+    if not model and not profile:  # a profile may name the model (the broker applies it)
+        raise InvalidRequest("no model given (pass model=... or profile=..., or set the "
+                             "client's default model or profile)")
     timeout = options.get("timeout")
     if timeout is not None and timeout <= 0:
         raise InvalidRequest(f"timeout must be > 0, got {timeout}")
@@ -147,11 +152,11 @@ def build_request(
     if response_format is not None and kind is Kind.EMBEDDING:
         raise InvalidRequest("response_format is for chat and completion requests")
     return validated(Request(
-        id=request_id, model=model, kind=kind, messages=messages or [], prompt=prompt,
+        id=request_id, model=model or "", kind=kind, messages=messages or [], prompt=prompt,
         input=inputs or [], sampling=sampling, stream=stream,
         priority=int(options.get("priority", Priority.NORMAL)), timeout=timeout,
         metadata=dict(options.get("metadata") or {}), tools=tools, tool_choice=tool_choice,
-        response_format=response_format,
+        response_format=response_format, profile=profile,
     ))
 
 

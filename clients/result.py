@@ -24,6 +24,8 @@ class Result(msgspec.Struct, kw_only=True):
     chunks: int = 0
     embeddings: list[list[float]] | None = None
     attempts: int = 1
+    model: str = ""  # the backing model that served (a group member or a fallback)
+    tried: list[str] = msgspec.field(default_factory=list)  # models that failed first
     # The model's tool calls (finish_reason "tool_calls"); arguments are JSON text, see
     # ToolCall.parsed_arguments(). None when it called none.
     tool_calls: list[ToolCall] | None = None

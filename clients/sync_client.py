@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Unpack
@@ -80,13 +81,27 @@ class Client:
         priority: int = Priority.NORMAL,
         heartbeat_interval: float = 1.0,
         broker_timeout: float = 5.0,
+        profile: str | None = None,
     ) -> None:
         self._runner = LoopThread()
         self._client = AsyncClient(
             address, model=model, timeout=timeout, retry=retry, priority=priority,
             heartbeat_interval=heartbeat_interval, broker_timeout=broker_timeout,
+            profile=profile,
         )
         self._closed = False
+        self._is_view = False  # a for_agent view: closing it leaves the loop and socket
+
+    @property
+    def profile(self) -> str | None:
+        return self._client.profile
+
+    def for_agent(self, profile: str) -> Client:
+        """This client under ``profile``, sharing its loop thread and connection."""
+        view = copy.copy(self)
+        view._client = self._client.for_agent(profile)
+        view._is_view = True
+        return view
 
     @property
     def stats(self) -> ConnectionStats:
@@ -120,6 +135,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        if self._is_view:
+            return
         self._runner.run(self._client.aclose())
         self._runner.close()
 

@@ -64,7 +64,30 @@ def render(status: StatusReply, address: str) -> str:
     lines.append(f"queue depth: {queued}")
     counters = ", ".join(f"{k}={v}" for k, v in status.counters.items() if v) or "all zero"
     lines.append(f"counters: {counters}")
+    lines += gateway_lines(status)
     return "\n".join(lines) + "\n"
+
+
+def gateway_lines(status: StatusReply) -> list[str]:
+    """Groups, cooldowns and what finished requests used and cost, when there are any."""
+    lines: list[str] = []
+    if status.groups:
+        groups = "; ".join(f"{g} = {', '.join(ms)}" for g, ms in sorted(status.groups.items()))
+        lines.append(f"groups: {groups}")
+    if status.cooldowns:
+        cooling = ", ".join(f"{m} ({s:.0f}s left)" for m, s in sorted(status.cooldowns.items()))
+        lines.append(f"cooling down: {cooling}")
+    for title, spend in (("model", status.spend_by_model), ("profile", status.spend_by_profile)):
+        if not spend:
+            continue
+        rows: list[tuple[str, ...]] = [
+            (name, str(s.requests), str(s.prompt_tokens), str(s.completion_tokens),
+             f"{s.cost_usd:.6f}", str(s.estimated) if s.estimated else "")
+            for name, s in sorted(spend.items())
+        ]
+        lines += table((title, "requests", "prompt tok", "completion tok", "cost USD",
+                        "estimated"), rows)
+    return lines
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
