@@ -25,6 +25,7 @@ AUTH = "authentication_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER = "server_error"
 NOT_FOUND = "not_found_error"
+QUOTA = "insufficient_quota"
 
 
 class HttpError(NamedTuple):
@@ -55,6 +56,8 @@ STATUS_OF: dict[ErrorCode, HttpError] = {
     ErrorCode.MODEL_FAILED: HttpError(503, SERVER, "model_failed"),
     ErrorCode.BROKER_UNAVAILABLE: HttpError(503, SERVER, "broker_unavailable"),
     ErrorCode.INTERNAL: HttpError(500, SERVER, "internal_error"),
+    # a profile's token or USD budget is spent for its window: OpenAI's "quota" answer
+    ErrorCode.BUDGET_EXCEEDED: HttpError(429, QUOTA, "budget_exceeded"),
 }
 
 #: statuses that tell a client to come back later; they always carry Retry-After

@@ -2,7 +2,8 @@
 
 All three ask the broker for its status on each call (a ZeroMQ round trip, well under a
 millisecond on one host); a model is listed while at least one of its workers is serving
-(health ok or degraded), which is also what ``/health`` requires for a 200.
+(health ok or degraded), and a model group while one of its members is; a serving worker
+is also what ``/health`` requires for a 200.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ OWNER = "tokenhive"
 
 
 def serving_models(status: StatusReply) -> list[str]:
-    return sorted({w.model for w in status.workers if w.health in SERVING})
+    """Models with a serving worker, and model groups with a serving member (a request for
+    a group goes to one of its members)."""
+    models = {w.model for w in status.workers if w.health in SERVING}
+    groups = {g for g, members in status.groups.items() if models.intersection(members)}
+    return sorted(models | groups)
 
 
 def model_object(model: str, created: int) -> dict[str, object]:
