@@ -93,15 +93,17 @@ class Gateway:
             out.append(pool.pop(index)[0])
         return out
 
-    def choose(self, plan: list[str]) -> int | None:
+    def choose(self, plan: list[str], *, admitting: bool = False) -> int | None:
         """Index of the model to use next: the first a worker has registered for and that
         is not known to have failed for good, skipping models in cooldown while another is
-        left; None when no model of the plan is known."""
+        left; None when no model of the plan is known. ``admitting``: when every known
+        model failed for good, the first of them (admission then answers model_failed
+        with the reason, rather than unknown_model)."""
         state = self.state
-        usable = [i for i, model in enumerate(plan)
-                  if state.registry.known_model(model) and model not in state.failed_models]
+        known = [i for i, model in enumerate(plan) if state.registry.known_model(model)]
+        usable = [i for i in known if plan[i] not in state.failed_models]
         if not usable:
-            return None
+            return known[0] if admitting and known else None
         for i in usable:
             if not state.cooldowns.cooling(plan[i], state.now):
                 return i
@@ -200,7 +202,7 @@ class Gateway:
         if request.model not in self.routed:
             return request, []
         plan = self.plan(request.model)
-        index = self.choose(plan)
+        index = self.choose(plan, admitting=True)
         if index is None:
             known = ", ".join(sorted(state.registry.models_seen)) or "none"
             return Refusal("unknown_model", Error.make(

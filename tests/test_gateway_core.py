@@ -26,6 +26,7 @@ from tokenhive.schemas.messages import (
     Final,
     Health,
     Kind,
+    MarkModelFailed,
     Message,
     Sampling,
     Usage,
@@ -318,3 +319,18 @@ def test_dispatch_carries_the_backing_model_not_the_group() -> None:
     h.submit("r1", model="chat")
     (d,) = h.sink.worker_msgs(b"wa", Dispatch)
     assert d.request.model == "a"
+
+
+@pytest.mark.timeout(30)
+def test_a_group_skips_a_model_that_failed_for_good_and_says_so_when_all_did() -> None:
+    h = Harness(groups=GROUP)
+    h.ready(b"wa", model="a", health=Health.LOADING)
+    h.ready(b"wb", model="b")
+    h.client(b"pool", MarkModelFailed(model="a", reason="SIGILL at load"))
+    h.submit("r1", model="chat")
+    assert h.dispatches(b"wb")[-1].request.id == "r1"  # a is skipped, not waited for
+    h.heartbeat(b"wb", Health.LOADING)
+    h.client(b"pool", MarkModelFailed(model="b", reason="out of memory"))
+    h.submit("r2", model="chat")
+    err = only_answer(h, "r2")
+    assert err.code is ErrorCode.MODEL_FAILED and "SIGILL" in err.message
