@@ -206,3 +206,20 @@ async def test_one_server_per_sqlite_data_dir_and_a_restart_frees_dead_leases(
     finally:
         await second.aclose()
     assert SqliteDialect(tmp_path).path.exists()
+
+
+@pytest.mark.timeout(10)
+def test_a_postgres_password_is_never_shown() -> None:
+    from tokenhive.clients.batch.postgres import PostgresDialect, redact
+
+    assert redact("postgresql://u:s3cret@db.example:5432/jobs") == (
+        "postgresql://u:***@db.example:5432/jobs")
+    assert redact("postgresql://u@/jobs?host=/run/pg") == "postgresql://u@/jobs?host=/run/pg"
+    with pytest.raises(ConfigError) as bad:
+        PostgresDialect("mysql://u:s3cret@db/jobs")
+    assert "s3cret" not in str(bad.value)
+    dialect = PostgresDialect("postgresql://u:s3cret@127.0.0.1:1/jobs")  # nothing listens
+    assert "s3cret" not in dialect.label
+    with pytest.raises(ConfigError) as down:
+        dialect.connect()
+    assert "s3cret" not in str(down.value) and "cannot connect" in str(down.value)

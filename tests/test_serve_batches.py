@@ -6,6 +6,8 @@ output and error files, listing and paging, errors, cancel, and a server killed 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import openai
 import pytest
 from openai.types import Batch
 
+from tests.support.postgres import Postgres, PostgresUnavailable, start_postgres
 from tests.support.procs import Proc, start_broker
 from tests.support.serve import ServeProcess
 from tests.support.worker_peers import WorkerProc, start_worker
@@ -216,3 +219,57 @@ def test_a_server_killed_mid_batch_resumes_it_on_restart(pool: str, tmp_path: Pa
                 done.request_counts.failed) == (30, 30, 0)
         ids = sorted(str(line["custom_id"]) for line in lines_of(oai, done.output_file_id))
         assert ids == sorted(f"r{i}" for i in range(30))  # each exactly once
+
+
+@pytest.mark.timeout(120)
+def test_servers_sharing_a_data_dir_or_a_postgres_database(
+    pool: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # the default data dir ($XDG_DATA_HOME/tokenhive) already in use: a second server still
+    # serves the pool, without the Files/Batches API, and says so
+    env = {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    args = ["--broker", pool, "--port", "0"]
+    with ServeProcess(args, tmp_path, env=env, name="owner") as owner, \
+            ServeProcess(args, tmp_path, env=env, name="guest") as guest:
+        assert (tmp_path / "xdg" / "tokenhive" / "jobs.sqlite3").exists()
+        assert client_of(owner).batches.list().data == []
+        assert "Files and Batches API off" in guest.stderr_text()
+        with pytest.raises(openai.NotFoundError):
+            client_of(guest).batches.list()
+        # an explicit --data-dir in use is an error: exit 2, saying why
+        taken = subprocess.run(
+            [sys.executable, "-m", "tokenhive.clients.cli.main", "serve", *args,
+             "--data-dir", str(tmp_path / "xdg" / "tokenhive")],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert taken.returncode == 2 and "in use by another tokenhive serve" in taken.stderr
+
+    # two servers on one PostgreSQL database share the jobs
+    url = request.getfixturevalue("postgres").new_database()
+    shared = [*args, "--jobs-db", url]
+    with ServeProcess(shared, tmp_path, name="pg-a") as a, \
+            ServeProcess(shared, tmp_path, name="pg-b") as b:
+        oai_a, oai_b = client_of(a), client_of(b)
+        batch = oai_a.batches.create(
+            input_file_id=upload(oai_a, [chat_line(f"s{i}", model="pace") for i in range(20)]),
+            endpoint="/v1/chat/completions", completion_window="24h")
+        done = wait_status(oai_b, batch.id, "completed")
+        ids = sorted(str(line["custom_id"]) for line in lines_of(oai_b, done.output_file_id))
+        assert ids == sorted(f"s{i}" for i in range(20))
+    secret = subprocess.run(
+        [sys.executable, "-m", "tokenhive.clients.cli.main", "serve", *args,
+         "--jobs-db", "postgresql://u:hunter2@127.0.0.1/db"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert secret.returncode == 2 and "must not hold a password" in secret.stderr
+    assert "hunter2" not in secret.stderr
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -146,8 +146,10 @@ class BatchEngine:
                 _check_embeddings(item, result)
                 return result
             except TokenHiveError as exc:
+                # a batch collects whole answers: a partial stream was never delivered, so
+                # "nothing streamed yet" holds for every attempt (chunks_seen=0)
                 policy = self._retry
-                if policy is None or not policy.should_retry(exc, attempt, exc.chunks_sent):
+                if policy is None or not policy.should_retry(exc, attempt, 0):
                     raise
                 await asyncio.sleep(policy.delay(attempt, exc.retry_after))  # backoff
                 attempt += 1
