@@ -201,7 +201,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", type=floats, default=None, help="requests/s, inf = burst")
     p.add_argument("--concurrency", type=ints, default=None, help="closed loop instead")
     p.add_argument("--duration", type=float, default=None, help="s of arrivals per rate")
-    p.add_argument("--min-prompts", type=int, default=8)
+    p.add_argument("--min-prompts", type=int, default=6)
     p.add_argument("--max-prompts", type=int, default=5000)
     p.add_argument("--burst-prompts", type=int, default=0, help="default 2x the slots")
     p.add_argument("--requests-per-lane", type=int, default=3, help="closed loop")
@@ -211,7 +211,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--range-ratio", type=float, default=0.5)
     p.add_argument("--input-len", type=int, default=48, help="synthetic prompt words")
     p.add_argument("--synthetic-fraction", type=float, default=0.5)
-    p.add_argument("--slots", type=int, default=None, help="per worker (default 8; GPU 32)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="per worker (default 4; echo 64; GPU 32)")
     p.add_argument("--ctx", type=int, default=None, help="context per slot")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
     p.add_argument("--slo-ttft-ms", type=float, default=None)
@@ -231,10 +232,10 @@ def defaults(args: argparse.Namespace) -> None:
     args.auto_ceiling = echo and args.rates is None and not args.concurrency
     if args.rates is None:
         args.rates = ([25.0 * 2 ** i for i in range(8)] if echo else
-                      [2.0, 8.0, 32.0, math.inf] if gpu else [0.5, 1.0, 2.0, 4.0, math.inf])
-    args.duration = args.duration or (3.0 if echo else 15.0 if gpu else 12.0)
-    args.output_len = args.output_len or (16 if echo else 128 if gpu else 24)
-    args.slots = args.slots or (32 if gpu else 64 if echo else 8)
+                      [2.0, 8.0, 32.0, math.inf] if gpu else [0.25, 0.5, 1.0, 2.0, math.inf])
+    args.duration = args.duration or (3.0 if echo else 15.0 if gpu else 10.0)
+    args.output_len = args.output_len or (16 if echo else 128 if gpu else 16)
+    args.slots = args.slots or (32 if gpu else 64 if echo else 4)
     args.ctx = args.ctx or (2048 if gpu else 512)
     args.threads = None if gpu and args.threads is None else (args.threads or 2)
     args.slo_ttft_ms = args.slo_ttft_ms or (100.0 if echo else 500.0 if gpu else 2000.0)

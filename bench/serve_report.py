@@ -78,6 +78,7 @@ def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     def x_of(s: Summary) -> float | None:
         if closed_loop:
@@ -87,6 +88,7 @@ def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path
     panels = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E latency"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
     systems = list(dict.fromkeys(s.system for s in rows))
+    colors = {name: f"C{i}" for i, name in enumerate(systems)}  # one colour per system
     for ax, (field, label) in zip(axes, panels, strict=True):
         for system in systems:
             pts = sorted((x, getattr(s, field)) for s in rows
@@ -95,7 +97,8 @@ def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path
                 continue
             xs = [x for x, _ in pts]
             for q, style in (("p50", "-o"), ("p99", "--^")):
-                ax.plot(xs, [d[q] for _, d in pts], style, label=f"{system} {q}")
+                ax.plot(xs, [d[q] for _, d in pts], style, color=colors[system],
+                        label=f"{system} {q}")
         ax.set_xlabel("concurrent requests" if closed_loop else "offered rate (requests/s)")
         ax.set_ylabel(f"{label} (ms)")
         ax.set_title(label)
@@ -103,6 +106,9 @@ def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path
         if not closed_loop:
             ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = sorted({x for s in rows if (x := x_of(s)) is not None})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
