@@ -2,7 +2,7 @@
 
 The public surface, importable from the top::
 
-    from tokenhive import AsyncClient, Client, TokenHiveError
+    from tokenhive import AsyncClient, Client, Pool, PoolConfig, TokenHiveError
 
 Names resolve lazily (PEP 562), so ``import tokenhive.schemas`` in a worker does not pull in the
 client stack, and ``import tokenhive`` alone costs nothing.
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
         Stream,
         SyncStream,
     )
+    from tokenhive.clients.pool.public import Pool
+    from tokenhive.schemas.config import PoolConfig
     from tokenhive.schemas.errors import (
         BackendError,
         BackendTimeout,
@@ -53,7 +55,8 @@ _ERRORS = (
     "ModelFailed", "BrokerUnavailable", "InternalError", "BudgetExceeded",
 )
 _WHERE = {**dict.fromkeys(_CLIENTS, "tokenhive.clients"),
-          **dict.fromkeys(_ERRORS, "tokenhive.schemas.errors")}
+          **dict.fromkeys(_ERRORS, "tokenhive.schemas.errors"),
+          "Pool": "tokenhive.clients.pool.public", "PoolConfig": "tokenhive.schemas.config"}
 
 __all__ = [
     "NO_RETRY",
@@ -73,6 +76,8 @@ __all__ = [
     "ModelFailed",
     "ModelLoadFailed",
     "Overloaded",
+    "Pool",
+    "PoolConfig",
     "ProtocolMismatch",
     "RateLimited",
     "Result",

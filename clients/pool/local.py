@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -16,9 +17,12 @@ from tokenhive.clients.pool.pool import PoolProcesses
 from tokenhive.schemas.config import PoolConfig
 
 
-class LocalPool(msgspec.Struct):
+@dataclass(frozen=True)
+class LocalPool:
     address: str  # where clients connect
     models: list[str]  # served model names, in config order
+    run_dir: Path  # the private directory of its sockets and ready files
+    processes: PoolProcesses  # broker and workers, for a last-resort stop (public.Pool)
 
 
 @asynccontextmanager
@@ -39,6 +43,7 @@ async def local_pool(
             async with AsyncClient(endpoints.clients) as probe:
                 await processes.wait_workers(probe, ready_timeout)
             models = list(dict.fromkeys(spec.model for spec in config.workers))
-            yield LocalPool(address=endpoints.clients, models=models)
+            yield LocalPool(address=endpoints.clients, models=models, run_dir=Path(run_dir),
+                            processes=processes)
         finally:
             await processes.stop(drain=5.0)

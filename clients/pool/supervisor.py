@@ -138,6 +138,11 @@ class Supervisor:
         )
         return replica
 
+    def abandon(self) -> None:
+        """Restart nothing from now on: for a last-resort stop that signals the children
+        itself, from outside the event loop (``last_resort``)."""
+        self._stopping.update(self.replicas)
+
     async def stop(self, replicas: list[Replica] | None = None, grace: float = 10.0) -> None:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL what is left."""
         targets = list(self.replicas if replicas is None else replicas)

@@ -20,8 +20,9 @@ import importlib.metadata
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenhive.clients.cli.common import (
     BROKER_ENV,
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(SCRIPT)
         return EXIT_OK
     try:
-        upstream_args = _upstream_args(args)
+        choice = _choose_upstream(args)
     except ConfigError as exc:
         print(f"tokenhive sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -90,10 +91,16 @@ def run(args: argparse.Namespace) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_serve(args, upstream_args, protocol_fd))
+        return runner.run(_serve(args, choice, protocol_fd))
 
 
-def _upstream_args(args: argparse.Namespace) -> dict[str, object]:
+class UpstreamChoice(NamedTuple):
+    broker: str | None
+    pool_config: Callable[[], PoolConfig]
+    operator_pool: bool
+
+
+def _choose_upstream(args: argparse.Namespace) -> UpstreamChoice:
     """Where requests go (see the module doc); config problems are found now, not at init."""
     pool_flags = [d for d in _POOL_DESTS if getattr(args, d, None) is not None]
     if args.option:
@@ -109,16 +116,16 @@ def _upstream_args(args: argparse.Namespace) -> dict[str, object]:
     def pool_config() -> PoolConfig:
         return config if config is not None else pool_config_from_args(args)
 
-    return {"broker": args.broker or None, "pool_config": pool_config, "operator_pool": operator_pool}
+    return UpstreamChoice(args.broker or None, pool_config, operator_pool)
 
 
-async def _serve(args: argparse.Namespace, upstream_args: dict[str, object],
-                 protocol_fd: int) -> int:
+async def _serve(args: argparse.Namespace, choice: UpstreamChoice, protocol_fd: int) -> int:
     loop = asyncio.get_running_loop()
     out = LineWriter(protocol_fd)
     out.start()
-    upstream = Upstream(log_level=args.log_level, ready_timeout=args.ready_timeout,
-                        broker_timeout=args.broker_timeout, **upstream_args)  # type: ignore[arg-type]
+    upstream = Upstream(broker=choice.broker, pool_config=choice.pool_config,
+                        operator_pool=choice.operator_pool, log_level=args.log_level,
+                        ready_timeout=args.ready_timeout, broker_timeout=args.broker_timeout)
     sidecar = Sidecar(upstream, out, version=_version(), max_in_flight=args.max_in_flight,
                       eof_grace=args.eof_grace)
     codes = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
