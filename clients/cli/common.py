@@ -90,7 +90,10 @@ async def _cancelled_by_sigterm(main: Coroutine[Any, Any, int]) -> int:
         terminated = True
         task.cancel()
 
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (ValueError, RuntimeError):  # not the main thread (a test calling main()): as before
+        return await main
     try:
         return await main
     except asyncio.CancelledError:
