@@ -18,18 +18,18 @@ import pytest
 
 from tests.support.procs import Proc, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
-from tests.test_batch import completion_line, wait_models
+from tests.test_batch import wait_models
 
-LINES = 30
+LINES = 24
 
 
 @pytest.fixture
 def slow_broker(tmp_path: Path) -> Iterator[str]:
-    """A broker with one echo worker of model m: 2 slots, 20 tokens/s (a 4-token line takes
-    about 0.2 s, so 30 lines take over a second at concurrency 2)."""
+    """A broker with one echo worker of model m: 4 slots, 10 tokens/s (an 8-token line takes
+    0.8 s, so 24 lines take 10 s at concurrency 2: time for the test to act mid-run)."""
     proc: Proc = start_broker(tmp_path, heartbeat_interval=0.2)
-    worker: WorkerProc = start_worker(proc.workers, tmp_path, "--option", "tokens_per_s=20",
-                                      model="m", worker_id="slow", slots=2)
+    worker: WorkerProc = start_worker(proc.workers, tmp_path, "--option", "tokens_per_s=10",
+                                      model="m", worker_id="slow", slots=4)
     try:
         wait_models(proc.clients, {"m"})
         yield proc.clients
@@ -38,11 +38,18 @@ def slow_broker(tmp_path: Path) -> Iterator[str]:
         proc.terminate()
 
 
-def start_batch(source: Path, out: Path, broker: str, log: Path) -> subprocess.Popen[bytes]:
+def eight_tokens(cid: str) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                       "body": {"model": "m", "prompt": f"{cid} a b c d e f g", "max_tokens": 8}})
+
+
+def start_batch(source: Path, out: Path, broker: str, log: Path,
+                concurrency: int = 2) -> subprocess.Popen[bytes]:
     with log.open("wb") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "tokenhive.clients.cli.main", "batch", str(source),
-             "-o", str(out), "--broker", broker, "--no-progress", "--concurrency", "2"],
+             "-o", str(out), "--broker", broker, "--no-progress",
+             "--concurrency", str(concurrency)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )
 
@@ -60,7 +67,7 @@ def test_ctrl_c_stops_cleanly_a_second_run_is_refused_and_a_rerun_resumes(
     tmp_path: Path, slow_broker: str
 ) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text("\n".join(completion_line(f"c-{i}", f"w{i} x y z") for i in range(LINES)))
+    source.write_text("\n".join(eight_tokens(f"c-{i}") for i in range(LINES)))
     first_log = tmp_path / "first.stderr"
     first = start_batch(source, out, slow_broker, first_log)
     try:
@@ -70,6 +77,7 @@ def test_ctrl_c_stops_cleanly_a_second_run_is_refused_and_a_rerun_resumes(
         second_log = tmp_path / "second.stderr"
         second = start_batch(source, out, slow_broker, second_log)
         assert second.wait(timeout=60) == 2
+        assert first.poll() is None, "the first run ended before the test could interrupt it"
         refusal = second_log.read_text()
         assert "being written by another tokenhive batch" in refusal
         assert f"{out}.lock" in refusal
@@ -91,7 +99,7 @@ def test_ctrl_c_stops_cleanly_a_second_run_is_refused_and_a_rerun_resumes(
                           f"{LINES - n} not run; rerun to resume")
     assert 2 <= n < LINES
 
-    rerun = start_batch(source, out, slow_broker, tmp_path / "rerun.stderr")
+    rerun = start_batch(source, out, slow_broker, tmp_path / "rerun.stderr", concurrency=4)
     assert rerun.wait(timeout=60) == 0
     ids = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"c-{i}" for i in range(LINES))  # each exactly once
