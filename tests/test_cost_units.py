@@ -20,6 +20,10 @@ def test_builtin_prices_match_dated_snapshots_by_longest_prefix() -> None:
     assert builtin_price("gpt-4.1-nano") is BUILTIN_PRICES["gpt-4.1-nano"]
     assert builtin_price("claude-3-5-sonnet-20241022") is BUILTIN_PRICES["claude-3-5-sonnet"]
     assert builtin_price("claude-3-5-haiku-latest") is BUILTIN_PRICES["claude-3-5-haiku"]
+    assert builtin_price("claude-opus-4-5-20251101") is BUILTIN_PRICES["claude-opus-4-5"]
+    assert builtin_price("claude-opus-4-20250514") is BUILTIN_PRICES["claude-opus-4"]
+    assert builtin_price("gpt-5.4") is None  # not a snapshot of gpt-5: unknown, so free
+    assert builtin_price("gpt-4o1") is None
     assert builtin_price("gemma3-270m") is None
 
 
