@@ -1,10 +1,16 @@
 """The job store's tables, written once for both databases (``{serial}``, ``{blob}`` and
-``{real}`` are the only differences), and the dialect interface each database fills in."""
+``{real}`` are the only differences), rows back to API objects, and the dialect interface
+each database fills in."""
 
 from __future__ import annotations
 
+import json
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
+
+import msgspec
+
+from tokenhive.clients.batch.objects import BatchErrors, BatchObject, FileObject, RequestCounts
 
 TABLES = (
     """CREATE TABLE IF NOT EXISTS files (
@@ -36,6 +42,26 @@ BATCH_COLUMNS = (
     "cancelled_at", "total", "completed", "failed",
 )
 FILE_COLUMNS = ("id", "purpose", "filename", "bytes", "created_at")
+
+
+def to_json(value: Any) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
+def file_of(row: tuple[Any, ...]) -> FileObject:
+    return FileObject(**dict(zip(FILE_COLUMNS, row, strict=True)))
+
+
+def batch_of(row: tuple[Any, ...]) -> BatchObject:
+    fields = dict(zip(BATCH_COLUMNS, row, strict=True))
+    counts = RequestCounts(total=fields.pop("total"), completed=fields.pop("completed"),
+                           failed=fields.pop("failed"))
+    metadata, errors = fields.pop("metadata"), fields.pop("errors")
+    return BatchObject(
+        **fields, request_counts=counts,
+        metadata=json.loads(metadata) if metadata else None,
+        errors=msgspec.json.decode(errors, type=BatchErrors) if errors else None,
+    )
 
 
 class Dialect(Protocol):

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-import msgspec
 
 from tokenhive.clients.batch.input_file import InputLine
 from tokenhive.clients.batch.objects import (
@@ -33,7 +30,14 @@ from tokenhive.clients.batch.objects import (
     FileObject,
     RequestCounts,
 )
-from tokenhive.clients.batch.sql_schema import BATCH_COLUMNS, FILE_COLUMNS, Dialect
+from tokenhive.clients.batch.sql_schema import (
+    BATCH_COLUMNS,
+    FILE_COLUMNS,
+    Dialect,
+    batch_of,
+    file_of,
+    to_json,
+)
 from tokenhive.clients.batch.store import ClaimedLine
 from tokenhive.schemas.errors import InvalidRequest
 
@@ -71,7 +75,7 @@ class SqlJobStore:
 
     async def get_file(self, file_id: str) -> FileObject | None:
         rows = await self._run(self._query, _FILE_SELECT + " WHERE id = ?", (file_id,))
-        return _file(rows[0]) if rows else None
+        return file_of(rows[0]) if rows else None
 
     async def file_content(self, file_id: str) -> bytes | None:
         rows = await self._run(self._query, "SELECT content FROM files WHERE id = ?", (file_id,))
@@ -85,7 +89,7 @@ class SqlJobStore:
             params.append(purpose)
         rows = await self._run(self._query, _FILE_SELECT + _where(where)
                                + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
-        return [_file(r) for r in rows[:limit]], len(rows) > limit
+        return [file_of(r) for r in rows[:limit]], len(rows) > limit
 
     async def delete_file(self, file_id: str) -> bool:
         return await self._run(self._change, "DELETE FROM files WHERE id = ?", (file_id,)) > 0
@@ -108,14 +112,14 @@ class SqlJobStore:
 
     async def get_batch(self, batch_id: str) -> BatchObject | None:
         rows = await self._run(self._query, _BATCH_SELECT + " WHERE id = ?", (batch_id,))
-        return _batch(rows[0]) if rows else None
+        return batch_of(rows[0]) if rows else None
 
     async def list_batches(self, *, limit: int, after: str | None
                            ) -> tuple[list[BatchObject], bool]:
         where, params = _page_filter("batches", after)
         rows = await self._run(self._query, _BATCH_SELECT + _where(where)
                                + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
-        return [_batch(r) for r in rows[:limit]], len(rows) > limit
+        return [batch_of(r) for r in rows[:limit]], len(rows) > limit
 
     async def cancel_batch(self, batch_id: str) -> BatchObject | None:
         status = await self._run(self._cancel, batch_id, int(time.time()))
@@ -191,7 +195,7 @@ class SqlJobStore:
                 "metadata, errors, created_at, expires_at, failed_at, total) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                 (batch.id, batch.status, batch.endpoint, batch.input_file_id,
-                 batch.completion_window, _json(batch.metadata), _json(batch.errors),
+                 batch.completion_window, to_json(batch.metadata), to_json(batch.errors),
                  batch.created_at, batch.expires_at, batch.failed_at,
                  batch.request_counts.total))
             cursor = self._conn.cursor()
@@ -288,23 +292,3 @@ def _page_filter(table: str, after: str | None) -> tuple[list[str], list[Any]]:
 
 def _where(conditions: list[str]) -> str:
     return " WHERE " + " AND ".join(conditions) if conditions else ""
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else msgspec.json.encode(value).decode()
-
-
-def _file(row: tuple[Any, ...]) -> FileObject:
-    return FileObject(**dict(zip(FILE_COLUMNS, row, strict=True)))
-
-
-def _batch(row: tuple[Any, ...]) -> BatchObject:
-    fields = dict(zip(BATCH_COLUMNS, row, strict=True))
-    counts = RequestCounts(total=fields.pop("total"), completed=fields.pop("completed"),
-                           failed=fields.pop("failed"))
-    metadata, errors = fields.pop("metadata"), fields.pop("errors")
-    return BatchObject(
-        **fields, request_counts=counts,
-        metadata=json.loads(metadata) if metadata else None,
-        errors=msgspec.json.decode(errors, type=BatchErrors) if errors else None,
-    )
