@@ -146,7 +146,3 @@ class LlmkitPeer:
                     pipe.close()
                 except BrokenPipeError:
                     pass
-
-
-def response_keys(message: dict[str, Any]) -> set[str]:
-    return set(message)
