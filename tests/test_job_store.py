@@ -143,7 +143,7 @@ async def test_cancel_stops_unrun_lines_and_ends_the_batch(store: JobStore) -> N
     cancelling = await store.cancel_batch(batch_id)
     assert cancelling is not None and cancelling.status == "cancelling"
     assert cancelling.cancelling_at is not None
-    assert await store.cancelling_batches() == {batch_id}
+    assert await store.stopped_batches({batch_id, "batch_other"}) == {batch_id}
     assert await store.claim("b", 10, lease_s=60) == []  # nothing more starts
     assert await store.finalize_ready() == []  # a line is still held
     await store.release("a", [held[0].key])
@@ -160,6 +160,30 @@ async def test_cancel_stops_unrun_lines_and_ends_the_batch(store: JobStore) -> N
     again = await store.cancel_batch(batch_id)  # cancelling a cancelled batch: as it is
     assert again is not None and again.status == "cancelled"
     assert await store.cancel_batch("batch_nope") is None
+
+
+@pytest.mark.timeout(60)
+async def test_a_batch_past_its_window_expires_with_what_it_finished(store: JobStore) -> None:
+    content = "\n".join(request_line(f"r{i}") for i in range(3)).encode()
+    lines, _ = split_input(content, ENDPOINT, max_lines=10)
+    batch = await store.create_batch(input_file_id="file-x", endpoint=ENDPOINT,
+                                     completion_window="24h", metadata=None, lines=lines,
+                                     errors=None, window_s=0)  # its window is already over
+    await store.start_validated()
+    assert await store.stopped_batches({batch.id}) == set()  # still in progress until ended
+    running = await store.claim("a", 2, lease_s=60)
+    assert await store.record("a", running[0].key, '{"done": 1}', ok=True)
+    assert await store.finalize_ready() == [batch.id]
+    ended = await store.get_batch(batch.id)
+    assert ended is not None and ended.status == "expired" and ended.expired_at is not None
+    counts = ended.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (3, 1, 2)
+    assert await store.file_content(str(ended.output_file_id)) == b'{"done": 1}\n'
+    errors = (await store.file_content(str(ended.error_file_id)) or b"").decode().splitlines()
+    assert [(json.loads(e)["custom_id"], json.loads(e)["error"]["code"]) for e in errors] == [
+        ("r1", "batch_expired"), ("r2", "batch_expired")]
+    assert not await store.record("a", running[1].key, "{}", ok=True)  # too late
+    assert await store.stopped_batches({batch.id}) == {batch.id}
 
 
 @pytest.mark.timeout(60)

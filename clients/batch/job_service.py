@@ -120,7 +120,7 @@ class JobService:
         if now >= self._housekeeping_at:
             self._housekeeping_at = now + self.poll_s
             await self.store.start_validated()
-            await self._cancel_cancelled()
+            await self._stop_lines_of_stopped_batches()
         free = self._engine.free_slots
         claimed = await self.store.claim(self.owner, free, self.lease_s) if free > 0 else []
         for line in claimed:
@@ -137,11 +137,12 @@ class JobService:
             return
         await self._engine.submit(line.key, item)
 
-    async def _cancel_cancelled(self) -> None:
-        if not self._engine.in_flight:
-            return
-        cancelling = await self.store.cancelling_batches()
-        keys = self._engine.cancel(lambda key: isinstance(key, tuple) and key[0] in cancelling)
+    async def _stop_lines_of_stopped_batches(self) -> None:
+        """Lines in flight of batches cancelled or expired meanwhile: cancel them, give
+        their leases back."""
+        running = {key[0] for key in self._engine.keys_in_flight() if isinstance(key, tuple)}
+        stopped = await self.store.stopped_batches(running)
+        keys = self._engine.cancel(lambda key: isinstance(key, tuple) and key[0] in stopped)
         if keys:
             await self.store.release(self.owner, [k for k in keys if isinstance(k, tuple)])
 

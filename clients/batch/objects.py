@@ -1,9 +1,10 @@
 """The Files and Batches API objects, in OpenAI's exact shapes (what the official clients parse).
 
 A batch moves ``validating -> in_progress -> completed``; a cancel moves it through
-``cancelling`` to ``cancelled``; a file that fails validation makes it ``failed`` at once.
-(``finalizing`` happens inside one transaction here: the output files are written and the
-batch completed together, so no one ever sees it; ``expired`` is not produced yet.)
+``cancelling`` to ``cancelled``; a file that fails validation makes it ``failed`` at once; one
+still running when its 24 h window ends is ``expired``. (``finalizing`` happens inside one
+transaction here: the output files are written and the batch ended together, so no one ever
+sees it; its timestamp is set.)
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -19,10 +18,8 @@ from tokenhive.clients.batch.objects import (
     CANCELLABLE,
     CANCELLED,
     CANCELLING,
-    COMPLETED,
     FAILED,
     IN_PROGRESS,
-    OUTPUT_PURPOSE,
     VALIDATING,
     WINDOW_SECONDS,
     BatchErrors,
@@ -30,6 +27,7 @@ from tokenhive.clients.batch.objects import (
     FileObject,
     RequestCounts,
 )
+from tokenhive.clients.batch.sql_finalize import READY, finalize, insert_file, new_id
 from tokenhive.clients.batch.sql_schema import (
     BATCH_COLUMNS,
     FILE_COLUMNS,
@@ -44,10 +42,6 @@ from tokenhive.schemas.errors import InvalidRequest
 T = TypeVar("T")
 _BATCH_SELECT = "SELECT " + ", ".join(BATCH_COLUMNS) + " FROM batches"
 _FILE_SELECT = "SELECT " + ", ".join(FILE_COLUMNS) + " FROM files"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 class SqlJobStore:
@@ -98,12 +92,13 @@ class SqlJobStore:
 
     async def create_batch(self, *, input_file_id: str, endpoint: str, completion_window: str,
                            metadata: dict[str, str] | None, lines: list[InputLine],
-                           errors: BatchErrors | None) -> BatchObject:
+                           errors: BatchErrors | None, window_s: int = WINDOW_SECONDS
+                           ) -> BatchObject:
         now = int(time.time())
         batch = BatchObject(
             id=new_id("batch_"), endpoint=endpoint, input_file_id=input_file_id,
             completion_window=completion_window, status=FAILED if errors else VALIDATING,
-            created_at=now, expires_at=now + WINDOW_SECONDS, metadata=metadata, errors=errors,
+            created_at=now, expires_at=now + window_s, metadata=metadata, errors=errors,
             failed_at=now if errors else None,
             request_counts=RequestCounts(total=0 if errors else len(lines)),
         )
@@ -151,17 +146,21 @@ class SqlJobStore:
     async def record(self, owner: str, key: tuple[str, int], output: str, ok: bool) -> bool:
         return await self._run(self._record, owner, key, output, ok)
 
-    async def cancelling_batches(self) -> set[str]:
-        rows = await self._run(self._query, "SELECT id FROM batches WHERE status = ?",
-                               (CANCELLING,))
+    async def stopped_batches(self, batch_ids: set[str]) -> set[str]:
+        if not batch_ids:
+            return set()
+        ids = sorted(batch_ids)
+        marks = ", ".join("?" for _ in ids)
+        rows = await self._run(self._query, f"SELECT id FROM batches WHERE id IN ({marks}) "
+                               "AND status <> ?", (*ids, IN_PROGRESS))
         return {str(r[0]) for r in rows}
 
     async def finalize_ready(self) -> list[str]:
         now = time.time()
-        rows = await self._run(self._query, _READY, (IN_PROGRESS, CANCELLING, now))
+        rows = await self._run(self._query, READY, (now, now))
         done = []
         for (batch_id,) in rows:
-            if await self._run(self._finalize, str(batch_id)):
+            if await self._run(finalize, self._conn, self.dialect, str(batch_id)):
                 done.append(str(batch_id))
         return done
 
@@ -182,10 +181,7 @@ class SqlJobStore:
         return int(self._conn.execute(self.dialect.sql(sql), params).rowcount)
 
     def _insert_file(self, file: FileObject, content: bytes) -> None:
-        self._conn.execute(self.dialect.sql(
-            "INSERT INTO files (id, purpose, filename, bytes, created_at, content) "
-            "VALUES (?, ?, ?, ?, ?, ?)"),
-            (file.id, file.purpose, file.filename, file.bytes, file.created_at, content))
+        insert_file(self._conn, self.dialect, file, content)
 
     def _insert_batch(self, batch: BatchObject, lines: list[InputLine]) -> None:
         q = self.dialect.sql
@@ -240,48 +236,6 @@ class SqlJobStore:
             self._conn.execute(q(f"UPDATE batches SET {column} = {column} + 1 WHERE id = ?"),
                                (key[0],))
             return True
-
-    def _finalize(self, batch_id: str) -> bool:
-        """One transaction: recheck, write the output and error files, end the batch."""
-        q = self.dialect.sql
-        with self.dialect.transaction(self._conn):
-            status = self.dialect.lock_batch(self._conn, batch_id)
-            ready = self._conn.execute(q(_READY + " AND id = ?"),
-                                       (IN_PROGRESS, CANCELLING, time.time(), batch_id))
-            if status not in (IN_PROGRESS, CANCELLING) or ready.fetchone() is None:
-                return False
-            rows = self._conn.execute(q("SELECT ok, output FROM lines WHERE batch_id = ? "
-                                        "AND state = 'done' ORDER BY idx"), (batch_id,))
-            out: dict[bool, list[str]] = {True: [], False: []}
-            for ok, output in rows.fetchall():
-                out[bool(ok)].append(output + "\n")
-            now = int(time.time())
-            ids = {}
-            for ok, name in ((True, "output"), (False, "error")):
-                if out[ok]:
-                    content = "".join(out[ok]).encode()
-                    file = FileObject(id=new_id("file-"), bytes=len(content), created_at=now,
-                                      filename=f"{batch_id}_{name}.jsonl",
-                                      purpose=OUTPUT_PURPOSE)
-                    self._insert_file(file, content)
-                    ids[ok] = file.id
-            final, stamp = (COMPLETED, "completed_at") if status == IN_PROGRESS else (
-                CANCELLED, "cancelled_at")
-            self._conn.execute(q(
-                f"UPDATE batches SET status = ?, finalizing_at = ?, {stamp} = ?, "
-                "output_file_id = ?, error_file_id = ? WHERE id = ?"),
-                (final, now, now, ids.get(True), ids.get(False), batch_id))
-            return True
-
-
-#: batches with nothing left to run: in progress with no pending line, or cancelling with
-#: no line under a live lease (params: in_progress, cancelling, now)
-_READY = """SELECT id FROM batches b WHERE (
-    (b.status = ? AND NOT EXISTS (
-        SELECT 1 FROM lines l WHERE l.batch_id = b.id AND l.state = 'pending'))
-    OR (b.status = ? AND NOT EXISTS (
-        SELECT 1 FROM lines l WHERE l.batch_id = b.id AND l.state = 'pending'
-        AND l.lease_until >= ?)))"""
 
 
 def _page_filter(table: str, after: str | None) -> tuple[list[str], list[Any]]:

@@ -22,7 +22,7 @@ from typing import Protocol
 import msgspec
 
 from tokenhive.clients.batch.input_file import InputLine
-from tokenhive.clients.batch.objects import BatchErrors, BatchObject, FileObject
+from tokenhive.clients.batch.objects import WINDOW_SECONDS, BatchErrors, BatchObject, FileObject
 
 
 class ClaimedLine(msgspec.Struct, frozen=True):
@@ -52,8 +52,10 @@ class JobStore(Protocol):
     # -- batches --------------------------------------------------------------------------
     async def create_batch(self, *, input_file_id: str, endpoint: str, completion_window: str,
                            metadata: dict[str, str] | None, lines: list[InputLine],
-                           errors: BatchErrors | None) -> BatchObject:
-        """``validating`` with its lines, or ``failed`` with ``errors``."""
+                           errors: BatchErrors | None, window_s: int = WINDOW_SECONDS
+                           ) -> BatchObject:
+        """``validating`` with its lines, or ``failed`` with ``errors``; it expires after
+        ``window_s`` seconds."""
         ...
 
     async def get_batch(self, batch_id: str) -> BatchObject | None: ...
@@ -85,12 +87,15 @@ class JobStore(Protocol):
         """The line's result, if ``owner`` still holds it; False (nothing changed) if not."""
         ...
 
-    async def cancelling_batches(self) -> set[str]: ...
+    async def stopped_batches(self, batch_ids: set[str]) -> set[str]:
+        """Those of ``batch_ids`` no longer in progress (cancelling, expired, ...): their
+        lines in flight should stop."""
+        ...
 
     async def finalize_ready(self) -> list[str]:
-        """Finish every batch that has nothing left to run (all lines done, or cancelling
-        with no live lease): write its output and error files, mark it completed or
-        cancelled. The ids finished."""
+        """Finish every batch that has nothing left to run (all lines done, cancelling with
+        no live lease, or past its window): write its output and error files, mark it
+        completed, cancelled or expired. The ids finished."""
         ...
 
     async def aclose(self) -> None: ...
