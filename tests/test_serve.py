@@ -132,10 +132,13 @@ def test_errors_have_the_sdk_classes_and_fields(oai: openai.OpenAI) -> None:
     cases: list[tuple[dict[str, object], str, str]] = [
         ({"temperature": 3.0}, "temperature", "invalid_value"),
         ({"n": 2}, "n", "unsupported_parameter"),
-        ({"response_format": {"type": "json_object"}}, "response_format",
-         "unsupported_parameter"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-         "unsupported_parameter"),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+         "tools[0].function.name", "invalid_value"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice",
+         "invalid_value"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "invalid_value"),
         ({"logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
         ({"seed": -1}, "seed", "invalid_value"),
         ({"extra_body": {"colour": "red"}}, "colour", "unknown_parameter"),
@@ -186,6 +189,11 @@ def test_sse_framing_on_the_wire(http: httpx.Client) -> None:
     ("/v1/chat/completions", b'{"model": "echo", "messages": [{"role": "user", "content": '
      b'[{"type": "image_url", "image_url": {"url": "x"}}]}]}', "messages[0].content[0]",
      "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"model": "echo", "messages": [{"role": "assistant", "content": '
+     b'null, "tool_calls": [{"id": "c1", "type": "function"}]}]}',
+     "messages[0].tool_calls[0].function", "missing_required_parameter"),
+    ("/v1/chat/completions", b'{"model": "echo", "messages": [{"role": "user", "content": null}]}',
+     "messages[0].content", "invalid_type"),
     ("/v1/chat/completions", b'{"model": "echo", "messages": [], "max_tokens": "9"}',
      "max_tokens", "invalid_type"),
     ("/v1/chat/completions", b'{"model": "echo", "messages": [{"role": "user", "content": "x"}],'

@@ -124,7 +124,7 @@ class SseResponse(StreamingResponse):
         if first is not None:
             self.ctx.metrics.ttft.labels(self.ctx.metrics.model_label(
                 self.parsed.request.model)).observe(time.monotonic() - self.started)
-            opening += framer.delta(first.text)
+            opening += self._frame(first)
         if opening:
             yield opening
         last = time.monotonic()
@@ -134,7 +134,7 @@ class SseResponse(StreamingResponse):
                     now = time.monotonic()
                     gap.observe(now - last)
                     last = now
-                    yield framer.delta(chunk.text)
+                    yield self._frame(chunk)
             result = stream.result
         except TokenHiveError as exc:
             self.outcome = exc.code.value
@@ -144,6 +144,12 @@ class SseResponse(StreamingResponse):
         self.usage = result.usage
         self.queue_ms = result.timings.queue_ms
         yield framer.finish(result.finish_reason, result.usage)
+
+    def _frame(self, chunk: Chunk) -> bytes:
+        if not chunk.tool_calls:
+            return self.framer.delta(chunk.text)
+        text = self.framer.delta(chunk.text) if chunk.text else b""
+        return text + self.framer.tool_calls(chunk.tool_calls)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -6,9 +6,12 @@ is a ``BadField`` whose ``param`` names the field (``messages[2].content``), Ope
 
 - Unknown fields are refused (``unknown_parameter``), as OpenAI does: a misspelt option must
   not be silently dropped.
-- Known fields tokenhive cannot honour (tools, response_format, n > 1, logit_bias, ...) are
-  refused (``unsupported_parameter``) unless they hold their no-op value (``n: 1``,
-  ``tools: []``, ``response_format: {"type": "text"}``).
+- Tools (``tools``, ``tool_choice``, assistant ``tool_calls`` and ``tool`` results) and
+  structured output (``response_format``) go to the pool as they are (``schemas/tools.py``
+  holds OpenAI's shapes); the worker's backend honours them.
+- Known fields tokenhive cannot honour (n > 1, logit_bias, logprobs, audio, the deprecated
+  ``functions``, ...) are refused (``unsupported_parameter``) unless they hold their no-op
+  value (``n: 1``, ``logit_bias: {}``).
 - Harmless fields (user, metadata, store, ...) are accepted and ignored.
 
 ``parse_body(kind, raw)`` is the entry point: ``raw`` is the request's bytes, or an already
@@ -41,6 +44,7 @@ from tokenhive.schemas.messages import (
     TopK,
     TopP,
 )
+from tokenhive.schemas.tools import ResponseFormat, Tool, ToolCall, ToolChoice, tools_problem
 from tokenhive.schemas.validation import validated
 
 ENCODINGS = ("float", "base64")
@@ -85,12 +89,13 @@ class _Generation(_Common, kw_only=True, forbid_unknown_fields=True):
 class ChatBody(_Generation, kw_only=True, forbid_unknown_fields=True):
     messages: list[Any]
     max_completion_tokens: MaxTokens | None = None
-    parallel_tool_calls: Any = None  # harmless without tools
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    # a hint: the model may make several calls in one answer; one or several are both valid
+    parallel_tool_calls: bool | None = None
+    functions: Any = None  # the deprecated form of tools
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -127,11 +132,8 @@ _NO_OP: dict[str, Callable[[object], bool]] = {
     "logit_bias": _is({}),
     "logprobs": _is(False, 0),
     "top_logprobs": _is(0),
-    "tools": _is([]),
-    "tool_choice": _is("none", "auto"),
     "functions": _is([]),
     "function_call": _is("none", "auto"),
-    "response_format": _is({"type": "text"}),
     "audio": _is(),
     "modalities": _is(["text"]),
     "prediction": _is(),
@@ -178,6 +180,7 @@ def parse_body(kind: Kind, raw: bytes | object, *, priority: int = Priority.NORM
         assert isinstance(body, _Generation)
         if isinstance(body, ChatBody):
             request.messages = _messages(body.messages)
+            _tools(body, request)
         else:
             assert isinstance(body, CompletionBody)
             request.prompt = _prompt(body.prompt)
@@ -243,13 +246,41 @@ def _message(i: int, item: object) -> Message:
     if role not in ROLES:
         raise BadField(f"{where}.role", f"{where}.role {_short(role)} is not one of "
                        f"{sorted(ROLES | {'developer'})}")
-    if item.get("tool_calls") or item.get("function_call"):
-        raise BadField(f"{where}.tool_calls", "tool calls are not supported by tokenhive",
-                       code="unsupported_parameter")
-    name = item.get("name")
-    if name is not None and not isinstance(name, str):
-        raise BadField(f"{where}.name", f"{where}.name must be a string", code="invalid_type")
-    return Message(role=str(role), content=_content(item.get("content"), where), name=name)
+    if item.get("function_call") is not None:
+        raise BadField(f"{where}.function_call", "function_call is the deprecated form of "
+                       "tool_calls: send tool_calls", code="unsupported_parameter")
+    name, call_id = item.get("name"), item.get("tool_call_id")
+    for field, value in (("name", name), ("tool_call_id", call_id)):
+        if value is not None and not isinstance(value, str):
+            raise BadField(f"{where}.{field}", f"{where}.{field} must be a string",
+                           code="invalid_type")
+    calls = _convert(item.get("tool_calls"), list[ToolCall] | None, f"{where}.tool_calls")
+    content = item.get("content")
+    if content is None and calls:  # an assistant turn that only called tools
+        content = ""
+    return Message(role=str(role), content=_content(content, where), name=name,
+                   tool_calls=calls or None, tool_call_id=call_id)
+
+
+def _convert(value: object, into: Any, where: str) -> Any:
+    """``value`` from decoded JSON as ``into``; a BadField under ``where`` if it is not."""
+    try:
+        return msgspec.convert(value, into)
+    except msgspec.ValidationError as exc:
+        bad = bad_field_of(exc)
+        path = f"{where}{bad.param}" if (bad.param or "").startswith("[") else \
+            f"{where}.{bad.param}" if bad.param else where
+        raise BadField(path, f"{where}: {exc}", code=bad.http_code) from None
+
+
+def _tools(body: ChatBody, request: Request) -> None:
+    request.tools = list(body.tools or [])
+    request.tool_choice = body.tool_choice
+    fmt = body.response_format
+    request.response_format = None if fmt is None or fmt.type == "text" else fmt
+    problem = tools_problem(request.tools, request.tool_choice)
+    if problem is not None:
+        raise BadField("tools" if problem.startswith("tools") else "tool_choice", problem)
 
 
 def _content(raw: object, where: str) -> str:

@@ -19,6 +19,7 @@ import msgspec
 
 from tokenhive.clients.result import Result
 from tokenhive.schemas.messages import Kind, Usage
+from tokenhive.schemas.tools import ToolCall, ToolCallDelta
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.encode
@@ -40,8 +41,12 @@ def response_body(kind: Kind, result: Result, model: str, *, encoding_format: st
     if kind is Kind.EMBEDDING:
         return embedding_list(result.embeddings or [], result.usage, model, encoding_format)
     if kind is Kind.CHAT:
-        chat_choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                       "logprobs": None, "finish_reason": result.finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.tool_calls:
+            message["tool_calls"] = [tool_call_body(c) for c in result.tool_calls]
+            message["content"] = result.text or None  # OpenAI: null beside tool calls
+        chat_choice = {"index": 0, "message": message, "logprobs": None,
+                       "finish_reason": result.finish_reason}
         return {"id": response_id(kind, result.id), "object": "chat.completion",
                 "created": created, "model": model, "choices": [chat_choice],
                 "usage": usage_body(result.usage)}
@@ -50,6 +55,24 @@ def response_body(kind: Kind, result: Result, model: str, *, encoding_format: st
     return {"id": response_id(kind, result.id), "object": "text_completion",
             "created": created, "model": model, "choices": [text_choice],
             "usage": usage_body(result.usage)}
+
+
+def tool_call_body(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": call.function.arguments}}
+
+
+def tool_call_delta_body(delta: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's streamed piece of a call: the first names its id, type and function name;
+    later ones carry only the index and more argument text."""
+    function: dict[str, str] = {"arguments": delta.arguments}
+    body: dict[str, Any] = {"index": delta.index, "function": function}
+    if delta.id:
+        body["id"] = delta.id
+        body["type"] = "function"
+    if delta.name:
+        function["name"] = delta.name
+    return body
 
 
 def embedding_list(vectors: list[list[float]], usage: Usage, model: str,
@@ -99,6 +122,12 @@ class SseFramer:
 
     def delta(self, text: str) -> bytes:
         return self._prefix + _encode(text) + self._suffix
+
+    def tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
+        """A chat event carrying pieces of the answer's tool calls."""
+        return self._event([{"index": 0, "delta": {
+            "tool_calls": [tool_call_delta_body(d) for d in deltas]},
+            "logprobs": None, "finish_reason": None}])
 
     def finish(self, finish_reason: str, usage: Usage) -> bytes:
         """The finish_reason event, the usage event if asked for, and [DONE]."""
