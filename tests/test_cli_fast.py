@@ -36,7 +36,7 @@ def test_no_broker_is_one_line_at_once(command: str) -> None:
     assert done.returncode == 1
     assert done.stderr == f"tokenhive {command}: no broker answers at {address} (is it running?)\n"
     assert done.stdout == ""
-    assert took < 8, took  # 2 s of probing plus interpreter start on a loaded 2-core box
+    assert took < 6, took  # a refused connection is known at once; the rest is start-up
 
 
 @pytest.mark.timeout(60)

@@ -4,18 +4,24 @@ started for the length of the command from ``--config`` or the pool flags."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.pool.local import local_pool
 from tokenhive.clients.pool.options import ConfigError, add_pool_arguments, pool_config_from_args
 from tokenhive.schemas.errors import BrokerUnavailable, InvalidRequest, UnknownModel
 
-#: how long a command waits for a running broker to answer before saying none does
-PROBE_TIMEOUT = 2.0
+#: how long a command waits for a connection, then for a status reply, before saying no
+#: broker answers (a refused connection says so at once)
+CONNECT_TIMEOUT = 2.0
+STATUS_TIMEOUT = 5.0
 
 
 class NoBrokerAnswers(BrokerUnavailable):
@@ -60,13 +66,44 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         yield Target(address=pool.address, models=pool.models)
 
 
-async def probe_broker(address: str, timeout: float = PROBE_TIMEOUT) -> None:  # noqa: ASYNC109
-    """NoBrokerAnswers unless a broker at ``address`` answers a status query in ``timeout``."""
-    async with AsyncClient(address, broker_timeout=max(timeout * 2, 5.0)) as probe:
+async def probe_broker(address: str, *, connect_timeout: float = CONNECT_TIMEOUT,
+                       status_timeout: float = STATUS_TIMEOUT) -> None:
+    """NoBrokerAnswers unless a broker at ``address`` answers a status query. Nothing
+    listening there (connection refused) is known at once; a connection that opens gets
+    ``status_timeout`` for the reply, so a busy broker is not mistaken for none."""
+    if await _refused(address, connect_timeout):
+        raise NoBrokerAnswers(address)
+    async with AsyncClient(address, broker_timeout=status_timeout * 2) as probe:
         try:
-            await probe.status(timeout=timeout)
+            await probe.status(timeout=status_timeout)
         except BrokerUnavailable:
             raise NoBrokerAnswers(address) from None
+
+
+async def _refused(address: str, limit: float) -> bool:
+    """True when connecting to ``address`` fails (ZeroMQ would retry it forever, quietly);
+    False when it connects, or when neither happened within ``limit`` (a dropped SYN)."""
+    context = zmq.asyncio.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+    try:
+        sock.connect(address)
+        async with asyncio.timeout(limit):
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    return False
+                if event == zmq.EVENT_CONNECT_RETRIED:
+                    return True
+    except TimeoutError:
+        return False
+    except zmq.ZMQError:  # a malformed address: the client says so, as for any command
+        return False
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
 
 
 async def resolve_model(client: AsyncClient, wanted: str | None, target: Target) -> str:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.cli.target import NoBrokerAnswers, probe_broker
 from tokenhive.clients.pool.local import local_pool
 from tokenhive.clients.pool.pool import PoolStartError
 from tokenhive.clients.sidecar.rpc import (
@@ -82,17 +83,16 @@ class Upstream:
             await self._open_local_pool()
 
     async def _open_broker(self, address: str) -> None:
-        client = AsyncClient(address, broker_timeout=self._broker_timeout)
         try:
-            await client.status(timeout=self._probe_timeout)
-        except BrokerUnavailable:
-            await client.aclose()
+            await probe_broker(address, connect_timeout=self._probe_timeout,
+                               status_timeout=self._broker_timeout)
+        except NoBrokerAnswers:
             raise RpcError(CONNECTION_ERROR, f"no tokenhive broker answers at {address} (is it "
                            "running? the broker comes from TOKENHIVE_BROKER, else init's host)",
                            {"address": address}) from None
         except TokenHiveError as exc:  # a malformed address
-            await client.aclose()
             raise RpcError(INVALID_PARAMS, f"init: {exc.message}") from None
+        client = AsyncClient(address, broker_timeout=self._broker_timeout)
         self.client = await self._stack.enter_async_context(client)
         self.address = address
         log.info("sidecar connected", extra={"address": address})
