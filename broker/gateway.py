@@ -48,13 +48,22 @@ class Gateway:
         self.rng = rng or random.Random()
         cfg = state.cfg
         self.routed = frozenset(cfg.groups) | frozenset(cfg.models)  # names with a plan
+        # plans without a weighted draw in them are the same every time: computed once
+        self._fixed: dict[str, tuple[str, ...]] = {}
 
     # -- plans ----------------------------------------------------------------------------
 
     def plan(self, name: str) -> list[str]:
         """The backing models for ``name``, in the order to try them."""
+        fixed = self._fixed.get(name)
+        if fixed is not None:
+            return list(fixed)
         out: list[str] = []
-        self._expand(name, out, set())
+        seen: set[str] = set()
+        self._expand(name, out, seen)
+        if not any(self.state.cfg.groups[g].strategy == "weighted"
+                   for g in seen if g in self.state.cfg.groups):
+            self._fixed[name] = tuple(out)
         return out
 
     def _expand(self, name: str, out: list[str], seen: set[str]) -> None:

@@ -18,36 +18,53 @@ DAY = 86_400.0
 
 
 class SlidingSum:
-    """The sum of amounts added over the last ``span`` seconds, in ``BUCKETS`` buckets."""
+    """The sum of amounts added over the last ``span`` seconds, in ``BUCKETS`` buckets.
 
-    __slots__ = ("ids", "sums", "width")
+    A running total is kept and buckets are cleared as time moves past them, so ``add`` and
+    ``total`` cost O(1) however long the window (a budget check is on every admission)."""
+
+    __slots__ = ("head", "running", "sums", "width")
 
     def __init__(self, span: float) -> None:
         self.width = span / BUCKETS
-        self.ids = [-1] * BUCKETS  # bucket number held in each slot
-        self.sums = [0.0] * BUCKETS
+        self.sums = [0.0] * BUCKETS  # bucket number b lives in slot b % BUCKETS
+        self.head = -1  # the newest bucket number the ring holds; -1: none yet
+        self.running = 0.0
+
+    def _advance(self, now: float) -> int:
+        """Clear the buckets that left the window; the bucket of ``now``."""
+        bucket = int(now // self.width)
+        head = self.head
+        if bucket <= head:
+            return head  # the same bucket (a clock never goes back; if it did: the newest)
+        if head < 0 or bucket - head >= BUCKETS:
+            self.sums = [0.0] * BUCKETS
+            self.running = 0.0
+        else:
+            for gone in range(head + 1, bucket + 1):
+                slot = gone % BUCKETS
+                self.running -= self.sums[slot]
+                self.sums[slot] = 0.0
+        self.head = bucket
+        return bucket
 
     def add(self, now: float, amount: float) -> None:
-        bucket = int(now // self.width)
-        slot = bucket % BUCKETS
-        if self.ids[slot] != bucket:
-            self.ids[slot] = bucket
-            self.sums[slot] = 0.0
-        self.sums[slot] += amount
+        bucket = self._advance(now)
+        self.sums[bucket % BUCKETS] += amount
+        self.running += amount
 
     def total(self, now: float) -> float:
-        bucket = int(now // self.width)
-        return sum(s for i, s in zip(self.ids, self.sums, strict=True)
-                   if bucket - BUCKETS < i <= bucket)
+        self._advance(now)
+        return max(self.running, 0.0)  # never a float crumb below zero
 
     def frees_in(self, now: float) -> float:
         """Seconds until the oldest amount still counted leaves the window."""
-        bucket = int(now // self.width)
-        live = [i for i, s in zip(self.ids, self.sums, strict=True)
-                if bucket - BUCKETS < i <= bucket and s]
-        if not live:
-            return 0.0
-        return max((min(live) + BUCKETS) * self.width - now, 0.0)
+        head = self._advance(now)
+        for age in range(BUCKETS - 1, -1, -1):  # oldest bucket first
+            bucket = head - age
+            if self.sums[bucket % BUCKETS]:
+                return max((bucket + BUCKETS) * self.width - now, 0.0)
+        return 0.0
 
 
 class ProfileWindows:
