@@ -25,6 +25,10 @@ class OutputLocked(Exception):
     """Another process holds the output's lock."""
 
 
+class OutputWriteError(Exception):
+    """The output could not be written (disk full, permissions)."""
+
+
 class OutputFile:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -79,8 +83,11 @@ class OutputFile:
         """The ResultSink: one whole line, flushed."""
         if self._out is None:
             raise RuntimeError(f"{self.path} is not open")
-        self._out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self._out.flush()
+        try:
+            self._out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self._out.flush()
+        except OSError as exc:
+            raise OutputWriteError(f"cannot write {self.path}: {exc}") from exc
         if self.progress is not None:
             self.progress.update(1)
 

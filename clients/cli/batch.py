@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.batch.engine import BatchEngine
 from tokenhive.clients.batch.openai_format import BatchItem, custom_id_of, parse_item
-from tokenhive.clients.batch.output_file import OutputFile, OutputLocked
+from tokenhive.clients.batch.output_file import OutputFile, OutputLocked, OutputWriteError
 from tokenhive.clients.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -114,6 +114,9 @@ async def _main(args: argparse.Namespace, output: OutputFile) -> int:
     except ConfigError as exc:
         print(f"tokenhive batch: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputWriteError as exc:  # disk full, permissions: the run stops there
+        print(f"tokenhive batch: {exc}; rerun to resume", file=sys.stderr)
+        return EXIT_FAILED
     except TokenHiveError as exc:
         return report(exc, "batch")
     succeeded, failed = _counts(engine)
