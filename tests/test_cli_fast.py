@@ -45,13 +45,14 @@ def test_log_format_text_on_a_terminal_json_otherwise() -> None:
     args = [*CLI, "status", "--broker", address, "--timeout", "0.3", "--log-level", "debug"]
     env = {**os.environ, "TOKENHIVE_LOG_FORMAT": ""}
     piped = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
-    debug = [line for line in piped.stderr.splitlines() if "client socket opened" in line]
+    debug = [line for line in piped.stderr.splitlines() if "broker probe" in line]
     assert len(debug) == 1 and debug[0].startswith('{"ts":')
+    assert '"refused":true' in debug[0]
 
     forced = subprocess.run([*args, "--log-format", "text"], capture_output=True, text=True,
                             timeout=30, env=env)
-    (line,) = [line for line in forced.stderr.splitlines() if "client socket opened" in line]
-    assert f"debug tokenhive.client: client socket opened address={address}" in line
+    (line,) = [line for line in forced.stderr.splitlines() if "broker probe" in line]
+    assert line.endswith(f"debug tokenhive.cli: broker probe address={address} refused=true")
 
     controller, terminal = os.openpty()  # stderr a terminal: text by itself
     try:
@@ -70,7 +71,7 @@ def test_log_format_text_on_a_terminal_json_otherwise() -> None:
     finally:
         os.close(controller)
     text = output.decode(errors="replace")
-    assert "debug tokenhive.client: client socket opened" in text and '{"ts":' not in text
+    assert "debug tokenhive.cli: broker probe" in text and '{"ts":' not in text
 
 
 @pytest.mark.timeout(90)

@@ -15,8 +15,9 @@ from tokenhive.clients.cli.common import (
     report,
     run_async,
 )
+from tokenhive.clients.cli.target import CONNECT_TIMEOUT, NoBrokerAnswers, probe_broker
 from tokenhive.schemas.config import DEFAULT_CLIENTS
-from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.schemas.errors import BrokerUnavailable, TokenHiveError
 from tokenhive.schemas.messages import StatusReply
 
 COLUMNS = ("worker", "model", "backend", "health", "slots", "free", "in-flight", "served",
@@ -38,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     address = args.broker or DEFAULT_CLIENTS
     try:
+        try:  # nothing listening is known at once, not after --timeout
+            await probe_broker(address, connect_timeout=min(args.timeout, CONNECT_TIMEOUT),
+                               status_timeout=args.timeout)
+        except NoBrokerAnswers as exc:  # with its code: scripts match broker_unavailable
+            raise BrokerUnavailable(exc.message) from None
         async with AsyncClient(address, broker_timeout=args.timeout) as client:
             status = await client.status(timeout=args.timeout)
     except TokenHiveError as exc:

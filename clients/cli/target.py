@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,8 @@ from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.pool.local import local_pool
 from tokenhive.clients.pool.options import ConfigError, add_pool_arguments, pool_config_from_args
 from tokenhive.schemas.errors import BrokerUnavailable, InvalidRequest, UnknownModel
+
+log = logging.getLogger("tokenhive.cli")
 
 #: how long a command waits for a connection, then for a status reply, before saying no
 #: broker answers (a refused connection says so at once)
@@ -71,7 +74,9 @@ async def probe_broker(address: str, *, connect_timeout: float = CONNECT_TIMEOUT
     """NoBrokerAnswers unless a broker at ``address`` answers a status query. Nothing
     listening there (connection refused) is known at once; a connection that opens gets
     ``status_timeout`` for the reply, so a busy broker is not mistaken for none."""
-    if await _refused(address, connect_timeout):
+    refused = await _refused(address, connect_timeout)
+    log.debug("broker probe", extra={"address": address, "refused": refused})
+    if refused:
         raise NoBrokerAnswers(address)
     async with AsyncClient(address, broker_timeout=status_timeout * 2) as probe:
         try:
