@@ -50,6 +50,10 @@ class Gateway:
         self.routed = frozenset(cfg.groups) | frozenset(cfg.models)  # names with a plan
         # plans without a weighted draw in them are the same every time: computed once
         self._fixed: dict[str, tuple[str, ...]] = {}
+        # stalled queues are scanned at a tenth of fallback_wait, not on every tick: a long
+        # queue of a model without workers is not walked every few milliseconds
+        self._scan_every = max(cfg.fallback_wait / 10, 0.05)
+        self._last_scan = float("-inf")
 
     # -- plans ----------------------------------------------------------------------------
 
@@ -175,6 +179,9 @@ class Gateway:
         """Queued jobs with fallbacks left whose model has had no healthy worker for
         ``fallback_wait`` seconds move on (called by the timers)."""
         state = self.state
+        if state.now - self._last_scan < self._scan_every:
+            return
+        self._last_scan = state.now
         wait = state.cfg.fallback_wait
         for model, queue in list(state.queues.items()):
             if not queue or any(w.health is Health.OK for w in state.registry.of_model(model)):
