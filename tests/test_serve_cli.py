@@ -56,7 +56,7 @@ def test_no_worker_and_broker_gone(tmp_path: Path) -> None:
     broker = start_broker(tmp_path, heartbeat_interval=0.2)
     try:
         serve = ServeProcess(["--broker", broker.clients, "--port", "0",
-                              "--broker-timeout", "1"], tmp_path)
+                              "--broker-timeout", "1", "--max-attempts", "1"], tmp_path)
         with serve, serve.http() as http, \
                 openai.OpenAI(base_url=serve.url + "/v1", api_key="x", max_retries=0) as client:
             health = http.get("/health")

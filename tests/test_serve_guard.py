@@ -5,6 +5,7 @@ the way to the worker's slot)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tests.support.serve import ServeProcess, wait_until
 from tests.support.serve_pool import HEARTBEAT, SLOW_RATE, SLOW_TOKENS, EchoPool, echo_pool
+from tests.support.worker_peers import start_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,3 +169,26 @@ def test_hanging_up_while_waiting_for_a_plain_answer_cancels_too(
     took = pool.wait_idle("slow", 1, within=SLOW_SECONDS)
     assert took < HEARTBEAT + 1.5, f"slot freed {took:.2f}s after the hang-up"
     assert pool.status().counters["cancelled"] == cancelled_before + 1
+
+
+def test_a_worker_dying_mid_stream_ends_it_with_an_error_event(
+    plain: ServeProcess, pool: EchoPool, tmp_path: Path
+) -> None:
+    doomed = start_worker(pool.broker.workers, tmp_path, "--option", "tokens_per_s=20",
+                          "--option", "tokens=200", model="doomed", worker_id="doomed-1",
+                          slots=1, interval=HEARTBEAT)
+    try:
+        wait_until(lambda: any(w.model == "doomed" and w.health == "ok"
+                               for w in pool.status().workers), 30, "doomed worker up")
+        with httpx.Client(base_url=plain.url, timeout=30) as http, \
+                http.stream("POST", "/v1/completions", json={
+                    "model": "doomed", "prompt": "tick", "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            doomed.proc.kill()
+            rest = [line for line in lines if line]
+        assert "data: [DONE]" not in rest, "a cut-short stream must not look complete"
+        error = json.loads(rest[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "worker_lost" and error["type"] == "server_error"
+    finally:
+        doomed.stop()

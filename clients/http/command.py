@@ -102,7 +102,8 @@ def bind(host: str, port: int) -> socket.socket:
 def make_app(args: argparse.Namespace, client: AsyncClient, keys: list[bytes],
              jobs: BatchJobs | None = None) -> Starlette:
     """The application for these flags. (Extra routes and hooks plug in here.)"""
-    ctx = ServeContext(client=client, request_timeout=args.request_timeout)
+    ctx = ServeContext(client=client, request_timeout=args.request_timeout,
+                       status_timeout=min(2.0, args.broker_timeout))
     return build_app(ctx, api_keys=keys, max_body_bytes=args.max_body_bytes,
                      extra_routes=batch_routes(jobs) if jobs else (),
                      body_limits=jobs.body_limits if jobs else None)
