@@ -181,14 +181,15 @@ class Sidecar:
         except Exception as exc:
             log.exception("sidecar request failed")
             line = entry.error(RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
-        finally:
-            self._entries.pop(key, None)
-        await self._answer(entry, line)
+        # no await from here on: answered and gone from the table in one step, so _close
+        # never answers it twice nor sends the shutdown response before this answer
+        self._answer(entry, line)
+        self._entries.pop(key, None)
 
-    async def _answer(self, entry: Entry, line: bytes) -> None:
+    def _answer(self, entry: Entry, line: bytes) -> None:
         if not entry.answered:
             entry.answered = True
-            await self.out.send(line)
+            self.out.send_now(line)
 
     # -- methods --------------------------------------------------------------------------
 
@@ -273,7 +274,7 @@ class Sidecar:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for entry in entries:
-            await self._answer(entry, entry.error(RpcError(
+            self._answer(entry, entry.error(RpcError(
                 STREAM_ERROR if not entry.has_id else BACKEND_ERROR, SHUTTING_DOWN,
                 {"tokenhive_code": "cancelled", "retryable": False} if entry.has_id else None)))
         result = ShutdownResult(success=True, message="tokenhive sidecar stopped")
@@ -283,5 +284,5 @@ class Sidecar:
             log.exception("closing the pool failed")
             result = ShutdownResult(success=False, message=f"stopping the pool failed: {exc}")
         if answer and shutdown_id != ():
-            await self.out.send(result_line(shutdown_id, result))  # type: ignore[arg-type]
+            self.out.send_now(result_line(shutdown_id, result))  # type: ignore[arg-type]
         await self.out.flush()

@@ -97,18 +97,31 @@ class LineWriter:
     ``broken`` is set when the reader of ``fd`` is gone (EPIPE): everything after is
     dropped."""
 
-    def __init__(self, fd: int, queue_size: int = 1024) -> None:
+    def __init__(self, fd: int, backlog: int = 1024) -> None:
         self.fd = fd
         self.broken = asyncio.Event()
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
+        self.backlog = backlog
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._room = asyncio.Event()  # set when the backlog is below its limit
+        self._room.set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sidecar-stdout")
 
     async def send(self, line: bytes) -> None:
+        """Queue ``line``, first waiting while ``backlog`` lines are not written yet (a peer
+        that does not read slows the streams down instead of growing our memory)."""
+        while self._queue.qsize() >= self.backlog and not self.broken.is_set():
+            self._room.clear()
+            await self._room.wait()
+        self.send_now(line)
+
+    def send_now(self, line: bytes) -> None:
+        """Queue ``line`` without waiting: for final answers, which must not be lost to a
+        cancellation while waiting (they are at most one per accepted request)."""
         if not self.broken.is_set():
-            await self._queue.put(line)
+            self._queue.put_nowait(line)
 
     async def flush(self) -> None:
         """Until every line sent so far is written (or the pipe broke)."""
@@ -136,9 +149,11 @@ class LineWriter:
                     await loop.run_in_executor(None, _write_all, self.fd, b"".join(lines))
             except OSError:  # EPIPE: the peer closed its end
                 self.broken.set()
+                self._room.set()
             finally:
                 for _ in lines:
                     self._queue.task_done()
+                self._room.set()
 
 
 def _write_all(fd: int, data: bytes) -> None:
