@@ -197,6 +197,30 @@ def test_cancel_stops_a_running_batch(serve: ServeProcess) -> None:
             completion_window="24h").id, "completed").id)
 
 
+@pytest.mark.timeout(120)
+def test_interactive_requests_overtake_a_running_batch(serve: ServeProcess) -> None:
+    """Batch lines wait at batch priority: with the batch filling the model's 2 slots and 14
+    more of its lines queued at the broker (--batch-concurrency 16), a chat request is served
+    at the next free slot. In arrival order it would wait for those 14 lines (~2 s)."""
+    oai = client_of(serve)
+    words = " ".join(["w"] * 11)  # 12 tokens at 40/s: 0.3 s a line
+    lines = [json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "pace", "max_tokens": 12, "messages": [
+                             {"role": "user", "content": f"q{i} {words}"}]}})
+             for i in range(60)]
+    batch = oai.batches.create(input_file_id=upload(oai, lines),
+                               endpoint="/v1/chat/completions", completion_window="24h")
+    before = wait_status(oai, batch.id, "in_progress", completed_at_least=2).request_counts
+    reply = oai.chat.completions.create(
+        model="pace", max_tokens=4, messages=[{"role": "user", "content": "me first please"}])
+    assert reply.choices[0].message.content == "me first please"
+    after = oai.batches.retrieve(batch.id).request_counts
+    assert before is not None and after is not None
+    assert after.completed - before.completed <= 8, (before, after)
+    oai.batches.cancel(batch.id)
+    wait_status(oai, batch.id, "cancelled", within=30)
+
+
 @pytest.mark.timeout(180)
 def test_a_server_killed_mid_batch_resumes_it_on_restart(pool: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
