@@ -33,7 +33,7 @@ class OutputFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
-        self._lock = FileLock(str(self.lock_path), blocking=False)
+        self._lock = FileLock(str(self.lock_path), timeout=0)
         self._out: IO[str] | None = None
         self.progress: Any = None  # a tqdm bar, updated per line when set
 

@@ -27,7 +27,7 @@ class SqliteDialect:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / DB_NAME
         self.label = f"sqlite:{self.path}"
-        self._owner = FileLock(str(self.path) + ".lock", blocking=False, thread_local=False)
+        self._owner = FileLock(str(self.path) + ".lock", timeout=0, thread_local=False)
 
     def connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
