@@ -247,3 +247,22 @@ def test_a_postgres_password_is_never_shown() -> None:
     with pytest.raises(ConfigError) as down:
         dialect.connect()
     assert "s3cret" not in str(down.value) and "cannot connect" in str(down.value)
+
+
+@pytest.mark.timeout(60)
+async def test_a_dropped_postgres_connection_is_replaced(postgres: Postgres,
+                                                          tmp_path: Path) -> None:
+    import psycopg
+
+    url = postgres.new_database()
+    store = await open_store(data_dir=tmp_path, url=url)
+    try:
+        await make_batch(store, 1)
+        with psycopg.connect(url, autocommit=True) as admin:  # as a server restart would
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                          "datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(psycopg.OperationalError):
+            await store.claim("a", 1, lease_s=60)  # the call that meets the break fails
+        assert len(await store.claim("a", 1, lease_s=60)) == 1  # the next one reconnects
+    finally:
+        await store.aclose()

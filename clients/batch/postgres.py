@@ -86,5 +86,8 @@ class PostgresDialect:
                 conn.execute(statement.format(serial="BIGSERIAL PRIMARY KEY", blob="BYTEA",
                                               real="DOUBLE PRECISION"))
 
+    def broken(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
     def close(self, conn: Any) -> None:
         conn.close()

@@ -7,6 +7,7 @@ connection), so the event loop never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -55,8 +56,8 @@ class SqlJobStore:
 
     async def aclose(self) -> None:
         if self._conn is not None:
-            await self._run(self.dialect.close, self._conn)
-            self._conn = None
+            conn, self._conn = self._conn, None
+            await self._run(self.dialect.close, conn)
         self._thread.shutdown(wait=False)
 
     # -- files ----------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class SqlJobStore:
 
     async def claim(self, owner: str, limit: int, lease_s: float) -> list[ClaimedLine]:
         now = time.time()
-        rows = await self._run(self.dialect.claim, self._conn, owner, now, now + lease_s, limit)
+        rows = await self._run(self._claim, owner, now, now + lease_s, limit)
         return [ClaimedLine(batch_id=b, idx=i, custom_id=c, text=t) for b, i, c, t in sorted(rows)]
 
     async def renew(self, owner: str, lease_s: float) -> None:
@@ -160,7 +161,7 @@ class SqlJobStore:
         rows = await self._run(self._query, READY, (now, now))
         done = []
         for (batch_id,) in rows:
-            if await self._run(finalize, self._conn, self.dialect, str(batch_id)):
+            if await self._run(self._finalize, str(batch_id)):
                 done.append(str(batch_id))
         return done
 
@@ -168,11 +169,28 @@ class SqlJobStore:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, functools.partial(fn, *args))
+        return await loop.run_in_executor(self._thread, functools.partial(self._call, fn, *args))
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """On the store's thread: a connection the database dropped (a server restart, a
+        network cut) is replaced before the next call; the call that met the break fails,
+        and its caller tries again later."""
+        if self._conn is not None and self.dialect.broken(self._conn):
+            with contextlib.suppress(Exception):
+                self.dialect.close(self._conn)
+            self._conn = self.dialect.connect()
+        return fn(*args)
 
     def _open(self) -> None:
         self._conn = self.dialect.connect()
         self.dialect.after_open(self._conn)
+
+    def _claim(self, owner: str, now: float, until: float, limit: int
+               ) -> list[tuple[str, int, str, str]]:
+        return self.dialect.claim(self._conn, owner, now, until, limit)
+
+    def _finalize(self, batch_id: str) -> bool:
+        return finalize(self._conn, self.dialect, batch_id)
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return list(self._conn.execute(self.dialect.sql(sql), params).fetchall())

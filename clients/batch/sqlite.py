@@ -86,6 +86,9 @@ class SqliteDialect:
         conn.execute("UPDATE lines SET lease_owner = NULL, lease_until = NULL "
                      "WHERE state = 'pending' AND lease_owner IS NOT NULL")
 
+    def broken(self, conn: sqlite3.Connection) -> bool:
+        return False  # a file: nothing to lose
+
     def close(self, conn: Any) -> None:
         try:
             conn.close()
