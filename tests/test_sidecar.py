@@ -216,3 +216,17 @@ def test_no_broker_at_host_is_a_connection_error_at_once(tmp_path: Path,
     assert time.monotonic() - started < 8
     assert reply["error"]["code"] == -32003  # the code llmkit retries
     assert "no tokenhive broker answers at tcp://127.0.0.1:9" in reply["error"]["message"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("line", "answered"), [
+    (b'{"jsonrpc":"2.0","method":"shutdown","id":null}', True),
+    (b'{"jsonrpc":"2.0","method":"shutdown"}', False),  # a notification: no answer
+])
+def test_shutdown_with_a_null_id_or_as_a_notification(sidecar: LlmkitPeer, line: bytes,
+                                                      answered: bool) -> None:
+    sidecar.send_raw(line + b"\n")
+    if answered:
+        assert sidecar.read()["result"]["success"] is True and sidecar.raw[-1].endswith(
+            b'"id":null}\n')
+    assert sidecar.at_eof() and sidecar.wait() == 0

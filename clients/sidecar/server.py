@@ -31,6 +31,7 @@ from tokenhive.clients.sidecar.rpc import (
     MODEL_NOT_FOUND,
     STREAM_ERROR,
     BadMessage,
+    Incoming,
     InitResult,
     RequestId,
     RpcError,
@@ -101,22 +102,22 @@ class Sidecar:
                 await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     read.cancel()
-                    await self._close(None, answer=False)
+                    await self._close(None)
                     return self.stop_reason
                 item = read.result()
                 if item is None:
                     await self._drain_after_eof(stopped)
-                    await self._close(None, answer=False)
+                    await self._close(None)
                     return "eof"
                 shutdown = await self._dispatch(item)
                 if shutdown is not None:
-                    await self._close(shutdown, answer=True)
+                    await self._close(shutdown)
                     return "shutdown"
         finally:
             stopped.cancel()
 
-    async def _dispatch(self, item: bytes | Overlong) -> RequestId | tuple[()] | None:
-        """Handle one line; a shutdown request returns its id (``()`` for a notification)."""
+    async def _dispatch(self, item: bytes | Overlong) -> Incoming | None:
+        """Handle one line; a shutdown message is returned, for the caller to stop."""
         if isinstance(item, Overlong):
             await self.out.send(error_line(None, RpcError(
                 INVALID_REQUEST, f"message longer than {item.limit} bytes: discarded")))
@@ -129,7 +130,7 @@ class Sidecar:
             await self.out.send(error_line(bad.id, bad.error))
             return None
         if msg.method == "shutdown":
-            return msg.id if msg.has_id else ()
+            return msg
         if not msg.has_id:
             if msg.method == "stream.start":
                 await self._accept(Entry(None, has_id=False), self._stream(msg.params))
@@ -265,9 +266,10 @@ class Sidecar:
         await asyncio.wait({finished, stopped}, timeout=self.eof_grace,
                            return_when=asyncio.FIRST_COMPLETED)
 
-    async def _close(self, shutdown_id: RequestId | tuple[()], *, answer: bool) -> None:
+    async def _close(self, shutdown: Incoming | None) -> None:
         """Cancel what is in flight (each gets its error answer), close the pool, then send
-        the shutdown response (when one was asked with an id) as the last line."""
+        the response to ``shutdown`` (when it was a request, not a notification) as the
+        last line."""
         entries = list(self._entries.values())
         tasks = [e.task for e in entries if e.task is not None]
         for task in tasks:
@@ -283,6 +285,6 @@ class Sidecar:
         except Exception as exc:  # a pool that would not stop cleanly: still say so
             log.exception("closing the pool failed")
             result = ShutdownResult(success=False, message=f"stopping the pool failed: {exc}")
-        if answer and shutdown_id != ():
-            self.out.send_now(result_line(shutdown_id, result))  # type: ignore[arg-type]
+        if shutdown is not None and shutdown.has_id:
+            self.out.send_now(result_line(shutdown.id, result))
         await self.out.flush()
