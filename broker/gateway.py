@@ -16,6 +16,10 @@ Once a chunk has gone to the client there is no fallback (the client has part of
 from one model); the Error then goes to the client as it is. The hot path is untouched: a
 chunk is still a dict lookup and a send; only terminals, which the broker already decodes,
 are looked at here.
+
+``admit`` runs first on arrival: the request's profile (unknown: invalid_request; a budget
+spent: budget_exceeded), then its plan. Besides the shared state, a Gateway keeps only
+caches: plans that never change, and when stalled queues were last scanned.
 """
 
 from __future__ import annotations
