@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -70,6 +71,9 @@ async def handle(ctx: ServeContext, http: HttpRequest, kind: Kind) -> Response:
     except TokenHiveError as exc:
         metrics.finished(endpoint, model, exc.code.value, time.monotonic() - started)
         return from_exception(exc)
+    except ClientDisconnect:  # gone while sending its body: nothing was submitted
+        metrics.finished(endpoint, model, CLIENT_CLOSED, time.monotonic() - started)
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     finally:
         if not handed_over:
             metrics.in_flight.dec()

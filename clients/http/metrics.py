@@ -1,6 +1,9 @@
 """Prometheus metrics of one ``tokenhive serve``: the requests it saw, and the pool as the
 broker reports it at scrape time. Its own CollectorRegistry, so nothing global leaks in.
 
+``tokenhive_http_requests_total`` counts the requests that reached an endpoint: those refused
+at the door (401 without a key, 413 over the body cap, 404 for no route) are not in it.
+
 Model labels come from client input, so their number is capped: past ``MAX_MODEL_LABELS``
 distinct names a new one is counted as ``_other``, and a model the broker did not know is
 counted as ``_unknown``; a client cannot grow the label set without bound.
