@@ -221,6 +221,30 @@ def test_interactive_requests_overtake_a_running_batch(serve: ServeProcess) -> N
     wait_status(oai, batch.id, "cancelled", within=30)
 
 
+@pytest.mark.timeout(120)
+def test_storage_and_active_batches_are_capped(pool: str, tmp_path: Path) -> None:
+    args = ["--broker", pool, "--port", "0", "--data-dir", str(tmp_path / "data"),
+            "--max-stored-bytes", "4500", "--max-active-batches", "1"]
+    with ServeProcess(args, tmp_path) as serve:
+        oai = client_of(serve)
+        lines = [chat_line(f"k{i}", model="pace") for i in range(20)]  # ~3 KB, 1 s of work
+        file_id = upload(oai, lines)
+        with pytest.raises(openai.BadRequestError) as full:
+            upload(oai, lines)
+        assert full.value.code == "storage_limit_exceeded"  # type: ignore[attr-defined]
+        first = oai.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        with pytest.raises(openai.RateLimitError) as busy:
+            oai.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+        assert busy.value.code == "too_many_active_batches"  # type: ignore[attr-defined]
+        assert [b.id for b in oai.batches.list().data] == [first.id]  # nothing was created
+        oai.batches.cancel(first.id)
+        wait_status(oai, first.id, "cancelled", within=30)
+        oai.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                           completion_window="24h")  # room again
+
+
 @pytest.mark.timeout(180)
 def test_a_server_killed_mid_batch_resumes_it_on_restart(pool: str, tmp_path: Path) -> None:
     data = tmp_path / "data"

@@ -34,6 +34,8 @@ log = logging.getLogger("tokenhive.batch.jobs")
 JOBS_DB_ENV = "TOKENHIVE_JOBS_DB"
 DEFAULT_MAX_FILE_BYTES = 100 * 2**20
 DEFAULT_MAX_LINES = 50_000  # requests per batch, as OpenAI's
+DEFAULT_MAX_STORED_BYTES = 20 * 2**30
+DEFAULT_MAX_ACTIVE_BATCHES = 100
 FILES_PREFIX = "/v1/files"
 
 
@@ -55,6 +57,12 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                        metavar="N", help="larger uploads get 413 (default 100 MiB)")
     group.add_argument("--max-batch-lines", type=int, default=DEFAULT_MAX_LINES, metavar="N",
                        help=f"requests per batch (default {DEFAULT_MAX_LINES})")
+    group.add_argument("--max-stored-bytes", type=int, default=DEFAULT_MAX_STORED_BYTES,
+                       metavar="N", help="all files kept together (uploads and outputs); an "
+                                         "upload past it is refused (default 20 GiB)")
+    group.add_argument("--max-active-batches", type=int, default=DEFAULT_MAX_ACTIVE_BATCHES,
+                       metavar="N", help=f"batches not yet ended; more are refused with 429 "
+                                         f"(default {DEFAULT_MAX_ACTIVE_BATCHES})")
     group.add_argument("--batch-concurrency", type=int, default=16, metavar="N",
                        help="batch requests this server runs at once (default 16)")
     group.add_argument("--batch-lease", type=float, default=30.0, metavar="S",
@@ -81,6 +89,8 @@ class BatchJobs:
     service: JobService
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_lines: int = DEFAULT_MAX_LINES
+    max_stored_bytes: int = DEFAULT_MAX_STORED_BYTES
+    max_active_batches: int = DEFAULT_MAX_ACTIVE_BATCHES
 
     @property
     def body_limits(self) -> dict[str, int]:
@@ -97,6 +107,8 @@ async def batch_jobs(args: argparse.Namespace, client: AsyncClient,
     one host; a ``--data-dir`` in use, or any other problem, is a ConfigError."""
     for flag, value in (("--max-file-bytes", args.max_file_bytes),
                         ("--max-batch-lines", args.max_batch_lines),
+                        ("--max-stored-bytes", args.max_stored_bytes),
+                        ("--max-active-batches", args.max_active_batches),
                         ("--batch-concurrency", args.batch_concurrency),
                         ("--batch-lease", args.batch_lease)):
         if value <= 0:
@@ -116,7 +128,9 @@ async def batch_jobs(args: argparse.Namespace, client: AsyncClient,
     try:
         async with running(service):
             yield BatchJobs(store, service, max_file_bytes=args.max_file_bytes,
-                            max_lines=args.max_batch_lines)
+                            max_lines=args.max_batch_lines,
+                            max_stored_bytes=args.max_stored_bytes,
+                            max_active_batches=args.max_active_batches)
     finally:
         await store.aclose()
 

@@ -37,7 +37,7 @@ from tokenhive.clients.batch.sql_schema import (
     file_of,
     to_json,
 )
-from tokenhive.clients.batch.store import ClaimedLine
+from tokenhive.clients.batch.store import ClaimedLine, StoreUsage
 from tokenhive.schemas.errors import InvalidRequest
 
 T = TypeVar("T")
@@ -164,6 +164,12 @@ class SqlJobStore:
             if await self._run(self._finalize, str(batch_id)):
                 done.append(str(batch_id))
         return done
+
+    async def usage(self) -> StoreUsage:
+        rows = await self._run(self._query, "SELECT (SELECT COALESCE(SUM(bytes), 0) FROM files), "
+                               "(SELECT COUNT(*) FROM batches WHERE status IN (?, ?, ?))",
+                               (VALIDATING, IN_PROGRESS, CANCELLING))
+        return StoreUsage(stored_bytes=int(rows[0][0]), active_batches=int(rows[0][1]))
 
     # -- on the store's thread ------------------------------------------------------------
 

@@ -36,6 +36,11 @@ class ClaimedLine(msgspec.Struct, frozen=True):
         return (self.batch_id, self.idx)
 
 
+class StoreUsage(msgspec.Struct, frozen=True):
+    stored_bytes: int  # all files, inputs and outputs
+    active_batches: int  # validating, in progress or cancelling
+
+
 class JobStore(Protocol):
     # -- files ----------------------------------------------------------------------------
     async def create_file(self, *, purpose: str, filename: str, content: bytes) -> FileObject: ...
@@ -96,6 +101,10 @@ class JobStore(Protocol):
         """Finish every batch that has nothing left to run (all lines done, cancelling with
         no live lease, or past its window): write its output and error files, mark it
         completed, cancelled or expired. The ids finished."""
+        ...
+
+    async def usage(self) -> StoreUsage:
+        """What the server-wide caps are checked against."""
         ...
 
     async def aclose(self) -> None: ...

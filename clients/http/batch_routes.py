@@ -37,7 +37,7 @@ from tokenhive.clients.batch.objects import (
 )
 from tokenhive.clients.batch.openai_format import URL_KIND
 from tokenhive.clients.batch.service import BatchJobs
-from tokenhive.clients.http.errors import INVALID, BadField, HttpProblem
+from tokenhive.clients.http.errors import INVALID, RATE_LIMIT, BadField, HttpProblem
 
 MAX_METADATA_KEYS, MAX_KEY_CHARS, MAX_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 MAX_FILENAME_CHARS = 255
@@ -86,6 +86,11 @@ async def upload_file(jobs: BatchJobs, request: Request) -> Response:
         raise BadField("file", "the form has no file part")
     if not upload.data:
         raise BadField("file", "the file is empty")
+    stored = (await jobs.store.usage()).stored_bytes
+    if stored + len(upload.data) > jobs.max_stored_bytes:
+        raise BadField("file", f"the server's file storage is full ({stored} of "
+                       f"{jobs.max_stored_bytes} bytes used): delete files first",
+                       code="storage_limit_exceeded")
     filename = upload.filename[-MAX_FILENAME_CHARS:] or "upload.jsonl"
     file = await jobs.store.create_file(purpose=BATCH_PURPOSE, filename=filename,
                                         content=upload.data)
@@ -144,6 +149,11 @@ async def create_batch(jobs: BatchJobs, request: Request) -> Response:
         raise BadField("completion_window",
                        f"completion_window must be {COMPLETION_WINDOW!r}")
     metadata = _metadata(body.get("metadata"))
+    if (await jobs.store.usage()).active_batches >= jobs.max_active_batches:
+        raise HttpProblem(429, f"this server already runs {jobs.max_active_batches} batches "
+                          f"(the most it takes): wait for one to end",
+                          type=RATE_LIMIT, code="too_many_active_batches",
+                          headers={"Retry-After": "60"})
     file = await jobs.store.get_file(file_id)
     if file is None:
         raise not_found("file", file_id, "input_file_id")
