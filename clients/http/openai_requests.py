@@ -20,19 +20,19 @@ decoded JSON object (a Batch API line's ``body``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from tokenhive.clients.http.errors import BadField
-from tokenhive.clients.request_builder import ROLES, new_request_id
+from tokenhive.clients.http.field_errors import bad_field_of, short
+from tokenhive.clients.http.openai_messages import to_messages
+from tokenhive.clients.request_builder import new_request_id
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import (
     Kind,
     MaxTokens,
-    Message,
     MinP,
     Penalty,
     Priority,
@@ -44,7 +44,7 @@ from tokenhive.schemas.messages import (
     TopK,
     TopP,
 )
-from tokenhive.schemas.tools import ResponseFormat, Tool, ToolCall, ToolChoice, tools_problem
+from tokenhive.schemas.tools import ResponseFormat, Tool, ToolChoice, tools_problem
 from tokenhive.schemas.validation import validated
 
 ENCODINGS = ("float", "base64")
@@ -162,7 +162,7 @@ def parse_body(kind: Kind, raw: bytes | object, *, priority: int = Priority.NORM
     for name, no_op in _NO_OP.items():
         value = getattr(body, name, None)
         if not no_op(value):
-            raise BadField(name, f"{name}={_short(value)} is not supported by tokenhive",
+            raise BadField(name, f"{name}={short(value)} is not supported by tokenhive",
                            code="unsupported_parameter")
     if not body.model:
         raise BadField("model", "model must not be empty")
@@ -174,12 +174,12 @@ def parse_body(kind: Kind, raw: bytes | object, *, priority: int = Priority.NORM
         fmt = body.encoding_format or "float"
         if fmt not in ENCODINGS:
             raise BadField("encoding_format", f"encoding_format must be float or base64, "
-                           f"got {_short(fmt)}")
+                           f"got {short(fmt)}")
         parsed.encoding_format = fmt
     else:
         assert isinstance(body, _Generation)
         if isinstance(body, ChatBody):
-            request.messages = _messages(body.messages)
+            request.messages = to_messages(body.messages)
             _tools(body, request)
         else:
             assert isinstance(body, CompletionBody)
@@ -210,69 +210,6 @@ def decode(kind: Kind, raw: bytes | object) -> _Common:
                        code="invalid_json") from None
 
 
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
-_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]*)`")
-
-
-def bad_field_of(exc: msgspec.ValidationError) -> BadField:
-    """msgspec's "Expected `int`, got `str` - at `$.messages[0].content`" as a BadField with
-    ``param="messages[0].content"``; an unknown or missing field is named itself."""
-    match = _AT.match(str(exc))
-    assert match is not None  # the pattern matches any text
-    what, path = match["what"], (match["path"] or "").removeprefix(".")
-    code = "invalid_type" if ", got `" in what else "invalid_value"
-    for pattern, field_code in ((_UNKNOWN, "unknown_parameter"),
-                                (_MISSING, "missing_required_parameter")):
-        if (named := pattern.match(what)) is not None:
-            path = f"{path}.{named['field']}" if path else named["field"]
-            code = field_code
-    where = f"{path}: " if path else ""
-    return BadField(path or None, f"{where}{what}", code=code)
-
-
-def _messages(raw: list[Any]) -> list[Message]:
-    if not raw:
-        raise BadField("messages", "messages must not be empty")
-    return [_message(i, item) for i, item in enumerate(raw)]
-
-
-def _message(i: int, item: object) -> Message:
-    where = f"messages[{i}]"
-    if not isinstance(item, dict):
-        raise BadField(where, f"{where} must be an object", code="invalid_type")
-    role = item.get("role")
-    role = "system" if role == "developer" else role
-    if role not in ROLES:
-        raise BadField(f"{where}.role", f"{where}.role {_short(role)} is not one of "
-                       f"{sorted(ROLES | {'developer'})}")
-    if item.get("function_call") is not None:
-        raise BadField(f"{where}.function_call", "function_call is the deprecated form of "
-                       "tool_calls: send tool_calls", code="unsupported_parameter")
-    name, call_id = item.get("name"), item.get("tool_call_id")
-    for field, value in (("name", name), ("tool_call_id", call_id)):
-        if value is not None and not isinstance(value, str):
-            raise BadField(f"{where}.{field}", f"{where}.{field} must be a string",
-                           code="invalid_type")
-    calls = _convert(item.get("tool_calls"), list[ToolCall] | None, f"{where}.tool_calls")
-    content = item.get("content")
-    if content is None and calls:  # an assistant turn that only called tools
-        content = ""
-    return Message(role=str(role), content=_content(content, where), name=name,
-                   tool_calls=calls or None, tool_call_id=call_id)
-
-
-def _convert(value: object, into: Any, where: str) -> Any:
-    """``value`` from decoded JSON as ``into``; a BadField under ``where`` if it is not."""
-    try:
-        return msgspec.convert(value, into)
-    except msgspec.ValidationError as exc:
-        bad = bad_field_of(exc)
-        path = f"{where}{bad.param}" if (bad.param or "").startswith("[") else \
-            f"{where}.{bad.param}" if bad.param else where
-        raise BadField(path, f"{where}: {exc}", code=bad.http_code) from None
-
-
 def _tools(body: ChatBody, request: Request) -> None:
     request.tools = list(body.tools or [])
     request.tool_choice = body.tool_choice
@@ -281,24 +218,6 @@ def _tools(body: ChatBody, request: Request) -> None:
     problem = tools_problem(request.tools, request.tool_choice)
     if problem is not None:
         raise BadField("tools" if problem.startswith("tools") else "tool_choice", problem)
-
-
-def _content(raw: object, where: str) -> str:
-    if isinstance(raw, str):
-        return raw
-    if isinstance(raw, list):
-        texts = []
-        for j, part in enumerate(raw):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise BadField(f"{where}.content[{j}]", "only text content parts are "
-                               "supported by tokenhive", code="unsupported_parameter")
-            if not isinstance(text := part.get("text"), str):
-                raise BadField(f"{where}.content[{j}].text", "text must be a string",
-                               code="invalid_type")
-            texts.append(text)
-        return "".join(texts)
-    raise BadField(f"{where}.content", f"{where}.content must be a string or a list of text "
-                   "parts", code="invalid_type")
 
 
 def _prompt(raw: str | list[Any]) -> str:
@@ -335,8 +254,3 @@ def _sampling(body: _Generation) -> Sampling:
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         stop=[stop] if isinstance(stop, str) else list(stop or []), seed=body.seed,
     )
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
