@@ -11,6 +11,12 @@
 The converter's string rule lets raw control characters (a newline, a tab) into strings,
 which JSON forbids; it is tightened to JSON's rule before use, as llama.cpp's own C++
 converter has it. A schema the converter cannot handle is ``InvalidRequest`` naming it.
+
+The converter silently skips some JSON-schema keywords (number ranges, ``multipleOf``,
+``uniqueItems``, most string formats, ``not``, conditionals, ...): a grammar built without
+them would let through output that does not validate. A schema using one is refused,
+naming the keyword and where it is, so that "the output validates" holds whenever a schema
+is accepted. Annotations (title, description, default, examples, ...) are fine.
 """
 
 from __future__ import annotations
@@ -26,10 +32,58 @@ from tokenhive.schemas.tools import Tool, tool_choice_name
 
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+# The converter allows one optional space between tokens; llama.cpp's C++ converter also
+# allows a line break and a bounded indent, which is how models like to lay JSON out: far
+# fewer of their picks are refused, and a run of whitespace still cannot go on forever.
+_TIGHT_SPACE = 'space ::= " "?'
+_LAID_OUT_SPACE = 'space ::= | " " | "\\n" [ \\t]{0,20}'
+
+
+# What the converter enforces, and what only annotates; any other keyword is refused.
+_ENFORCED = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+    "definitions", "pattern", "minLength", "maxLength", "format",
+})
+_ANNOTATIONS = frozenset({
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+    "readOnly", "writeOnly", "strict",
+})
+_FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4",
+                      "uuid5"})
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+
+
+def unenforced(schema: Any, path: str = "$") -> list[str]:
+    """The keywords of ``schema`` (and its subschemas) that the grammar would not enforce,
+    each as ``keyword at path``."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"{k} at {path}" for k in schema if k not in _ENFORCED and k not in _ANNOTATIONS]
+    fmt = schema.get("format")
+    if fmt is not None and fmt not in _FORMATS:
+        found.append(f"format {fmt!r} at {path}")
+    for key in _SUBSCHEMA_MAPS:
+        for name, sub in (schema.get(key) or {}).items():
+            found += unenforced(sub, f"{path}.{key}.{name}")
+    for key in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(key) or ()):
+            found += unenforced(sub, f"{path}.{key}[{i}]")
+    for key in ("items", "additionalProperties"):
+        found += unenforced(schema.get(key), f"{path}.{key}")
+    return found
 
 
 def schema_grammar(schema: dict[str, Any], where: str) -> str:
     """GBNF for a JSON schema; ``where`` names the field in the error."""
+    skipped = unenforced(schema)
+    if skipped:
+        raise InvalidRequest(
+            f"{where}: the output grammar cannot enforce {', '.join(skipped[:5])}"
+            + (f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else "")
+            + "; drop them or express them with enum / pattern / maxLength"
+        )
     try:
         gbnf = json_schema_to_gbnf(json.dumps(schema))
     except RecursionError:
@@ -38,7 +92,7 @@ def schema_grammar(schema: dict[str, Any], where: str) -> str:
         raise InvalidRequest(
             f"{where}: cannot turn the schema into a grammar ({type(exc).__name__}: {exc})"
         ) from None
-    return gbnf.replace(_LOOSE_CHAR, _JSON_CHAR)
+    return gbnf.replace(_LOOSE_CHAR, _JSON_CHAR).replace(_TIGHT_SPACE, _LAID_OUT_SPACE)
 
 
 def tool_call_schema(tools: list[Tool]) -> dict[str, Any]:

@@ -6,8 +6,16 @@ it, so a grammar costs little per token:
 1. sample as usual (the sequence's chain: penalties, top-k, ..., greedy or seeded dist);
 2. ask the grammar about that one token (``llama_sampler_apply`` on a 1-token array): most
    of the time the model's own choice is allowed, and checking one token is cheap;
-3. only when it is not, apply the grammar to the whole vocabulary (every disallowed token's
-   logit becomes -inf) and sample again from what is left.
+3. only when it is not, sample again from what the grammar allows among the ``SHORTLIST``
+   most likely tokens (disallowed ones get logit -inf, then the chain runs on the rest);
+4. only when none of those fits, apply the grammar to the whole vocabulary.
+
+Step 3 is what keeps a refusal cheap: a grammar checks every candidate token against its
+parse stacks, about 0.7 us a token, so the whole 262k vocabulary of Gemma 3 costs ~180 ms
+on a busy 2-core machine, a shortlist of 1024 well under 1 ms (plus ~1-3 ms to find it). It
+is exact for greedy decoding (the best allowed token is on the shortlist whenever any is);
+when sampling, allowed tokens beyond the 1024 most likely are left out, all less likely than
+every allowed token on the shortlist (top-k / top-p / min-p would mostly cut them anyway).
 
 The chosen token is then accepted by the grammar (it advances its parse state). A token is
 only ever accepted after the grammar allowed it: llama.cpp aborts the process on a token
@@ -30,6 +38,7 @@ from tokenhive.schemas.errors import BackendError, InvalidRequest
 
 # llama_token_data: {int32 id; float logit; float p} (12 bytes, no padding)
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+SHORTLIST = 1024  # most likely tokens a refused pick is resampled from first
 
 
 class GrammarDeadEnd(BackendError):
@@ -62,6 +71,7 @@ class GrammarGate:
             raise InvalidRequest("the output grammar does not parse (llama.cpp refused it)")
         self._n_vocab = n_vocab
         self._one = _TokenArray(1)
+        self._short = _TokenArray(min(SHORTLIST, n_vocab))
         self._all: _TokenArray | None = None  # the whole vocabulary, made on first need
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self.resamples = 0  # times the model's own pick was refused (for stats and tests)
@@ -76,19 +86,33 @@ class GrammarGate:
     def resample(
         self, chain: llama_cpp.llama_sampler_p, ctx: llama_cpp.llama_context_p, row: int
     ) -> int:
-        """Sample from ``row``'s logits with the grammar applied first, then ``chain``."""
+        """Sample from ``row``'s logits with the grammar applied first, then ``chain``:
+        from the shortlist if the grammar allows any of it, else from the vocabulary."""
         self.resamples += 1
-        arr = self._all
-        if arr is None:
-            arr = self._all = _TokenArray(self._n_vocab)
         logits = np.ctypeslib.as_array(
             llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)
         )
+        short = self._short
+        n = len(short.data)
+        ids = np.argpartition(logits, -n)[-n:] if n < self._n_vocab else self._ids
+        short.reset(n)
+        short.data["id"] = ids
+        short.data["logit"] = logits[ids]
+        short.data["p"] = 0.0
+        llama_cpp.llama_sampler_apply(self._sampler, short.ref)
+        if np.isfinite(short.data["logit"][:n]).any():
+            return self._pick(chain, short)
+        arr = self._all
+        if arr is None:
+            arr = self._all = _TokenArray(self._n_vocab)
         arr.reset(self._n_vocab)
         arr.data["id"] = self._ids
         arr.data["logit"] = logits
         arr.data["p"] = 0.0
         llama_cpp.llama_sampler_apply(self._sampler, arr.ref)
+        return self._pick(chain, arr)
+
+    def _pick(self, chain: llama_cpp.llama_sampler_p, arr: _TokenArray) -> int:
         llama_cpp.llama_sampler_apply(chain, arr.ref)
         selected = arr.struct.selected
         if not 0 <= selected < arr.struct.size:
