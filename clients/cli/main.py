@@ -10,8 +10,8 @@
     tokenhive serve     the OpenAI-compatible HTTP API (and Files/Batches) onto the pool
     tokenhive sidecar   llmkit's stdio JSON-RPC sidecar onto the pool
 
-``chat``, ``generate``, ``batch``, ``serve`` and ``sidecar`` use a running broker with ``--broker ADDR``; without it
-they start a local pool for the length of the command.
+``chat``, ``generate``, ``batch``, ``serve`` and ``sidecar`` use a running broker with
+``--broker ADDR``; without it they start a local pool for the length of the command.
 """
 
 from __future__ import annotations
