@@ -4,6 +4,7 @@ SSE framing, the retry rule, metric label caps."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
@@ -118,3 +119,35 @@ def test_key_comparison() -> None:
     keys = [b"sk-one", b"sk-two"]
     assert key_matches(b"sk-two", keys) and not key_matches(b"sk-tw", keys)
     assert not key_matches(b"", keys) and not key_matches(b"sk-one", [])
+
+
+def test_build_app_runs_hooks_in_order_and_mounts_extra_routes() -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from tokenhive.clients.async_client import AsyncClient
+    from tokenhive.clients.http.app import build_app
+    from tokenhive.clients.http.context import ServeContext
+
+    seen: list[str] = []
+
+    def hook(name: str, fail: bool = False) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            seen.append(name)
+            if fail:
+                raise RuntimeError(name)
+        return run
+
+    async def extra(request: object) -> PlainTextResponse:
+        return PlainTextResponse("extra")
+
+    app = build_app(ServeContext(client=AsyncClient("ipc:///nowhere")),  # never contacted
+                    extra_routes=[Route("/v1/extra", extra)],
+                    on_startup=[hook("start-a"), hook("start-b")],
+                    on_shutdown=[hook("stop-a"), hook("stop-b", fail=True)])
+    with TestClient(app) as http:
+        assert seen == ["start-a", "start-b"]
+        assert http.get("/v1/extra").text == "extra"
+        assert http.get("/v1/nothing").json()["error"]["code"] == "unknown_url"
+    assert seen[2:] == ["stop-b", "stop-a"]  # reverse order; a failing hook skips no other
