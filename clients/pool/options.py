@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from tokenhive.broker.validate import config_problems
 from tokenhive.cli_options import parse_option, parse_spec_json
 from tokenhive.schemas.config import (
     AnyWorkerSpec,
@@ -105,6 +106,9 @@ def spec_from_flags(args: argparse.Namespace) -> AnyWorkerSpec:
 
 
 def check_pool(config: PoolConfig) -> None:
+    # The broker would refuse these too, but only as an exit code after the pool started.
+    if problems := config_problems(config.broker):
+        raise ConfigError("; ".join(problems))
     for i, spec in enumerate(config.workers):
         where = f"workers[{i}] ({spec.model})"
         if spec.count < 1 or spec.slots < 1:
