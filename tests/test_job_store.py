@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.postgres import Postgres, PostgresUnavailable, start_postgres
+from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
 from tokenhive.clients.batch.input_file import split_input
 from tokenhive.clients.batch.sqlite import SqliteDialect
 from tokenhive.clients.batch.store import JobStore, open_store
@@ -33,16 +33,12 @@ def request_line(cid: str, url: str = ENDPOINT, **extra: object) -> str:
                        **extra})
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
+@pytest.fixture
+def postgres() -> Postgres:
     try:
-        server = start_postgres()
+        return shared_postgres()
     except PostgresUnavailable as exc:
         pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postgres import Postgres, PostgresUnavailable, start_postgres
+from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
 from tests.support.procs import start_broker
 from tests.support.worker_peers import start_worker
 from tests.test_batch import wait_models
@@ -33,16 +33,12 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
+@pytest.fixture
+def postgres() -> Postgres:
     try:
-        server = start_postgres()
+        return shared_postgres()
     except PostgresUnavailable as exc:
         pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai.types import Batch
 
-from tests.support.postgres import Postgres, PostgresUnavailable, start_postgres
+from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
 from tests.support.procs import Proc, start_broker
 from tests.support.serve import ServeProcess
 from tests.support.worker_peers import WorkerProc, start_worker
@@ -311,13 +311,9 @@ def test_servers_sharing_a_data_dir_or_a_postgres_database(
     assert "hunter2" not in secret.stderr
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
+@pytest.fixture
+def postgres() -> Postgres:
     try:
-        server = start_postgres()
+        return shared_postgres()
     except PostgresUnavailable as exc:
         pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -9,6 +9,7 @@ binaries, no psycopg, no unprivileged user); fixtures turn that into a skip.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
@@ -129,6 +130,27 @@ def start_postgres(timeout: float = 60.0) -> Postgres:
             server.stop()
             raise PostgresUnavailable(f"postgres did not accept connections in {timeout}s")
         time.sleep(0.05)  # polling interval while the server starts
+
+
+_shared: Postgres | PostgresUnavailable | None = None
+
+
+def shared_postgres() -> Postgres:
+    """One server for the whole test run (each test takes its own database from it),
+    started on first use and stopped when the run ends; raises PostgresUnavailable (the
+    same reason every time) where it cannot start."""
+    global _shared
+    if isinstance(_shared, Postgres) and _shared.proc.poll() is not None:
+        _shared = None  # it died: start another
+    if _shared is None:
+        try:
+            _shared = start_postgres()
+            atexit.register(_shared.stop)
+        except PostgresUnavailable as exc:
+            _shared = exc
+    if isinstance(_shared, PostgresUnavailable):
+        raise _shared
+    return _shared
 
 
 @contextlib.contextmanager
