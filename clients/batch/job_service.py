@@ -99,13 +99,13 @@ class JobService:
         renewing = asyncio.create_task(self._renew_leases(), name="batch-lease-renewal")
         try:
             while True:
+                self._wake.clear()  # before the step: a wake-up during it is not lost
                 try:
                     busy = await self.step()
                 except Exception:
                     log.exception("batch job step failed; retrying")
                     busy = False
                 if not busy:
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_s)
         finally:
