@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -26,10 +25,9 @@ from urllib.parse import urlsplit
 
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.batch.job_service import JobService, model_chooser
+from tokenhive.clients.batch.sqlite import DataDirInUse
 from tokenhive.clients.batch.store import JobStore, open_store
 from tokenhive.schemas.config import ConfigError
-
-log = logging.getLogger("tokenhive.batch.jobs")
 
 JOBS_DB_ENV = "TOKENHIVE_JOBS_DB"
 DEFAULT_MAX_FILE_BYTES = 100 * 2**20
@@ -116,11 +114,10 @@ async def batch_jobs(args: argparse.Namespace, client: AsyncClient,
     url = jobs_db_url(args)
     try:
         store = await open_store(data_dir=args.data_dir or default_data_dir(), url=url)
-    except ConfigError as exc:
-        if url or args.data_dir or "in use" not in str(exc):
+    except DataDirInUse as exc:
+        if args.data_dir:
             raise
         print(f"tokenhive serve: warning: Files and Batches API off: {exc}", file=sys.stderr)
-        log.warning("Files and Batches API off: %s", exc)
         yield None
         return
     service = JobService(store, client, concurrency=args.batch_concurrency,

@@ -23,6 +23,10 @@ from tokenhive.schemas.config import ConfigError
 DB_NAME = "jobs.sqlite3"
 
 
+class DataDirInUse(ConfigError):
+    """Another ``tokenhive serve`` owns this data directory."""
+
+
 class SqliteDialect:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / DB_NAME
@@ -34,7 +38,7 @@ class SqliteDialect:
         try:
             self._owner.acquire()
         except Timeout:
-            raise ConfigError(f"the data directory {self.path.parent} is in use by another "
+            raise DataDirInUse(f"the data directory {self.path.parent} is in use by another "
                               f"tokenhive serve; give this one its own --data-dir, or share "
                               f"jobs through --jobs-db postgresql://...") from None
         try:
