@@ -37,7 +37,7 @@ class FunctionDef(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True
     strict: bool | None = None
 
 
-class Tool(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+class Tool(msgspec.Struct, forbid_unknown_fields=True):  # "type" always written: APIs need it
     function: FunctionDef
     type: Literal["function"] = "function"
 
@@ -56,12 +56,12 @@ class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class FunctionCall(msgspec.Struct, omit_defaults=True):
+class FunctionCall(msgspec.Struct):
     name: str
     arguments: str = ""  # JSON text of the arguments object, as OpenAI sends it
 
 
-class ToolCall(msgspec.Struct, omit_defaults=True):
+class ToolCall(msgspec.Struct):
     """One call the model made (in an answer), or made earlier (in an assistant message)."""
 
     id: str
@@ -92,7 +92,7 @@ class JSONSchemaFormat(msgspec.Struct, omit_defaults=True, forbid_unknown_fields
 class ResponseFormat(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
 
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
     def __post_init__(self) -> None:  # msgspec runs it on decode too: a ValidationError there
@@ -142,8 +142,8 @@ class ToolCallAssembler:
         for d in deltas:
             if d.id:
                 self._ids[d.index] = d.id
-            if d.name:
-                self._names[d.index] = self._names.get(d.index, "") + d.name
+            if d.name:  # OpenAI names a call once; some servers repeat it in every delta
+                self._names.setdefault(d.index, d.name)
             self._args.setdefault(d.index, []).append(d.arguments)
 
     def __bool__(self) -> bool:
