@@ -151,7 +151,7 @@ def test_batch_against_a_broker_retries_failed_lines_on_rerun(
 
 
 @pytest.mark.timeout(10)
-def test_unsupported_fields_are_refused_not_ignored() -> None:
+def test_batch_lines_are_read_as_serve_reads_bodies() -> None:
     def model_for(name: str | None) -> str | None:
         return name
 
@@ -159,8 +159,8 @@ def test_unsupported_fields_are_refused_not_ignored() -> None:
     msgs = [{"role": "user", "content": "hi"}]
     for body, problem in [
         ({"model": "m", "messages": msgs, "n": 2}, "n"),
-        ({"model": "m", "messages": msgs, "response_format": {"type": "json_object"}},
-         "response_format"),
+        ({"model": "m", "messages": msgs, "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"model": "m", "messages": msgs, "colour": "red"}, "colour"),  # unknown: refused
         ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
          "text"),
         ({"messages": msgs}, "model"),
@@ -173,3 +173,11 @@ def test_unsupported_fields_are_refused_not_ignored() -> None:
                       model_for, 30.0)
     assert item.request.sampling.stop == ["END"] and item.request.sampling.max_tokens == 7
     assert item.request.timeout == 30.0 and item.request.priority == 0
+    assert not item.request.stream
+    # what serve takes, a batch line takes: tools and structured output reach the pool
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    item = parse_item({**base, "body": {"model": "m", "messages": msgs, "tools": [tool],
+                                        "response_format": {"type": "json_object"},
+                                        "stream": True}}, model_for, None)
+    assert [t.function.name for t in item.request.tools] == ["f"]
+    assert item.request.response_format is not None and not item.request.stream
