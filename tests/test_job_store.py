@@ -262,3 +262,11 @@ async def test_a_dropped_postgres_connection_is_replaced(postgres: Postgres,
         assert len(await store.claim("a", 1, lease_s=60)) == 1  # the next one reconnects
     finally:
         await store.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_an_unusable_data_dir_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"cannot use the data directory .*a-file"):
+        await open_store(data_dir=blocker / "tokenhive", url=None)

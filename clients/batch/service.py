@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.batch.job_service import JobService, model_chooser
-from tokenhive.clients.batch.sqlite import DataDirInUse
 from tokenhive.clients.batch.store import JobStore, open_store
 from tokenhive.schemas.config import ConfigError
 
@@ -100,9 +99,10 @@ async def batch_jobs(args: argparse.Namespace, client: AsyncClient,
                      local_models: Sequence[str] = ()) -> AsyncIterator[BatchJobs | None]:
     """Open the job store and run the job service in the background until the block ends.
 
-    Yields None (no Files/Batches API, with a warning) only when the *default* data
-    directory is in use by another server, so several stateless servers can still run on
-    one host; a ``--data-dir`` in use, or any other problem, is a ConfigError."""
+    Yields None (no Files/Batches API, with a warning) when the *default* data directory
+    cannot be used (another server owns it, it cannot be created), so several stateless
+    servers can still run on one host; a ``--data-dir`` or ``--jobs-db`` that cannot be
+    used is a ConfigError."""
     for flag, value in (("--max-file-bytes", args.max_file_bytes),
                         ("--max-batch-lines", args.max_batch_lines),
                         ("--max-stored-bytes", args.max_stored_bytes),
@@ -114,8 +114,8 @@ async def batch_jobs(args: argparse.Namespace, client: AsyncClient,
     url = jobs_db_url(args)
     try:
         store = await open_store(data_dir=args.data_dir or default_data_dir(), url=url)
-    except DataDirInUse as exc:
-        if args.data_dir:
+    except ConfigError as exc:  # the default place is taken or unusable: serve without it
+        if args.data_dir or url:
             raise
         print(f"tokenhive serve: warning: Files and Batches API off: {exc}", file=sys.stderr)
         yield None

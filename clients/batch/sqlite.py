@@ -34,20 +34,23 @@ class SqliteDialect:
         self._owner = FileLock(str(self.path) + ".lock", timeout=0, thread_local=False)
 
     def connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._owner.acquire()
         except Timeout:
             raise DataDirInUse(f"the data directory {self.path.parent} is in use by another "
-                              f"tokenhive serve; give this one its own --data-dir, or share "
-                              f"jobs through --jobs-db postgresql://...") from None
+                               f"tokenhive serve; give this one its own --data-dir, or share "
+                               f"jobs through --jobs-db postgresql://...") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot use the data directory {self.path.parent}: "
+                              f"{exc.strerror or exc}") from None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             os.chmod(self.path, 0o600)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses nothing
             conn.execute("PRAGMA busy_timeout=10000")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._owner.release()
             raise ConfigError(f"cannot open the job store {self.path}: {exc}") from None
         return conn
