@@ -42,7 +42,15 @@ from bench.llama_server import LlamaServer, free_port, llama_server_binary
 from bench.serve_gpu import GPUError, gpu_setup, llama_server_devices
 from bench.serve_load import closed_loop, open_loop
 from bench.serve_metrics import SLO, Summary, summarize
-from bench.serve_report import ceiling, compare, plot, ratio_lines, table
+from bench.serve_report import (
+    ceiling,
+    ceiling_line,
+    compare,
+    plot,
+    ratio_lines,
+    saturated,
+    table,
+)
 from bench.serve_systems import (
     OpenAIHTTPSystem,
     PoolSystem,
@@ -82,7 +90,8 @@ def items_for(args: argparse.Namespace, rate: float | None, concurrency: int | N
     if math.isinf(rate):
         n = args.burst_prompts or 2 * args.total_slots
     else:
-        n = min(args.max_prompts, max(args.min_prompts, round(rate * args.duration)))
+        least = max(args.min_prompts, 200 if args.backend == "echo" else 0)  # for a p99
+        n = min(args.max_prompts, max(least, round(rate * args.duration)))
     return make_items(n, rate, args.shape, seed)
 
 
@@ -157,10 +166,10 @@ async def sweep(args: argparse.Namespace, systems: list[System]) -> list[Summary
                       flush=True)
         for runs in per_system.values():
             rows.append(sorted(runs, key=lambda s: s.request_throughput)[len(runs) // 2])
-        if args.auto_ceiling and len(rows) >= 2 * len(systems) and all(
-                (c := ceiling(rows, s.name)) and c.get("doubled_at_offered_rate")
-                for s in systems):
-            break  # every system is past its ceiling: higher rates add nothing
+        if args.auto_ceiling and all(
+                any(saturated(s) for s in rows if s.system == system.name)
+                for system in systems):
+            break  # every system is saturated: higher rates add nothing
     return rows
 
 
@@ -175,7 +184,7 @@ def report(args: argparse.Namespace, rows: list[Summary], names: list[str]) -> d
         print(line)
     ceilings = [c for name in names if args.backend == "echo" and (c := ceiling(rows, name))]
     for c in ceilings:
-        print(f"ceiling {c}")
+        print(ceiling_line(c))
     mode = "closed" if args.concurrency else "open"
     stem = args.out / f"serve-{args.backend}{'-gpu' if args.gpu else ''}-{mode}"
     config = {k: v for k, v in vars(args).items() if k not in ("out", "shape")}

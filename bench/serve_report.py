@@ -52,24 +52,48 @@ def ratio_lines(ratios: list[dict[str, object]]) -> list[str]:
             f"p99 {r['added_ttft_p99_ms']:+.1f} ms" for r in ratios]
 
 
+def saturated(s: Summary) -> bool:
+    """It completed under 90% of the offered request rate: the queue grows without bound."""
+    return s.offered_rate is not None and s.request_throughput < 0.9 * s.offered_rate
+
+
 def ceiling(rows: list[Summary], system: str) -> dict[str, object] | None:
-    """The lowest offered rate at which ``system``'s p99 E2E latency is at least double its
-    p99 at the lightest rate: requests/s and output chunks/s achieved there and just below."""
+    """Where ``system`` stops keeping up, two ways: the lowest offered rate at which its p99
+    E2E latency is at least double its p99 at the lightest rate (with what it achieved
+    there and just below), and the lowest at which it completes under 90% of the offered
+    rate (saturation; the best rate achieved is its capacity)."""
     runs = sorted((s for s in rows if s.system == system and s.offered_rate is not None),
                   key=lambda s: s.offered_rate or 0.0)
     if len(runs) < 2:
         return None
     base = runs[0].e2e_ms["p99"]
+    out: dict[str, object] = {
+        "system": system, "base_p99_ms": base, "doubled_at_offered_rate": None,
+        "saturated_at_offered_rate": next((s.offered_rate for s in runs if saturated(s)), None),
+        "max_achieved_req_s": max(s.request_throughput for s in runs),
+        "max_achieved_chunks_s": max(s.output_throughput for s in runs)}
     for below, s in itertools.pairwise(runs):
         if s.e2e_ms["p99"] >= 2 * base:
-            return {"system": system, "base_p99_ms": base,
-                    "doubled_at_offered_rate": s.offered_rate,
-                    "achieved_req_s": s.request_throughput, "achieved_chunks_s":
-                    s.output_throughput, "last_below": {
-                        "offered_rate": below.offered_rate, "req_s": below.request_throughput,
-                        "chunks_s": below.output_throughput, "p99_ms": below.e2e_ms["p99"]}}
-    return {"system": system, "base_p99_ms": base, "doubled_at_offered_rate": None,
-            "note": "p99 never doubled: sweep higher rates (--rates)"}
+            out |= {"doubled_at_offered_rate": s.offered_rate, "p99_ms": s.e2e_ms["p99"],
+                    "achieved_req_s": s.request_throughput,
+                    "achieved_chunks_s": s.output_throughput,
+                    "last_below": {"offered_rate": below.offered_rate,
+                                   "req_s": below.request_throughput,
+                                   "chunks_s": below.output_throughput,
+                                   "p99_ms": below.e2e_ms["p99"]}}
+            break
+    return out
+
+
+def ceiling_line(c: dict[str, object]) -> str:
+    doubled = (f"p99 doubled ({c['base_p99_ms']:.0f} -> {c['p99_ms']:.0f} ms) at "
+               f"{c['doubled_at_offered_rate']:g} req/s offered: {c['achieved_req_s']:.0f} "
+               f"req/s, {c['achieved_chunks_s']:.0f} chunks/s achieved"
+               if c["doubled_at_offered_rate"] else "p99 never doubled")
+    sat = (f"saturated (< 90% of offered) at {c['saturated_at_offered_rate']:g} req/s"
+           if c["saturated_at_offered_rate"] else "never saturated: sweep higher (--rates)")
+    return (f"ceiling of {c['system']}: {doubled}; {sat}; best achieved "
+            f"{c['max_achieved_req_s']:.0f} req/s, {c['max_achieved_chunks_s']:.0f} chunks/s")
 
 
 def plot(rows: list[Summary], path: Path, title: str, closed_loop: bool) -> Path:

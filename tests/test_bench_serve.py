@@ -80,17 +80,19 @@ def test_percentile_matches_numpy_and_summary_computes_tpot_and_goodput() -> Non
 
 @pytest.mark.timeout(10)
 def test_ceiling_is_where_p99_doubles_and_compare_gives_ratios() -> None:
-    def row(system: str, rate: float, p99: float, tok_s: float):
+    def row(system: str, rate: float, p99: float, tok_s: float, req_s: float):
         rec = [Record(start=0.0, ttft=p99 / 2e3, end=p99 / 1e3, output_tokens=4)]
         s = summarize(system, f"rate={rate:g}/s", rec, 0.0, SLO(1e9, 1e9), offered_rate=rate)
-        s.output_throughput = tok_s
+        s.output_throughput, s.request_throughput = tok_s, req_s
         return s
 
-    rows = [row("pool", 10, 10, 100), row("pool", 20, 15, 200), row("pool", 40, 25, 390),
-            row("base", 10, 8, 125)]
+    rows = [row("pool", 10, 10, 100, 10), row("pool", 20, 15, 200, 19),
+            row("pool", 40, 25, 390, 39), row("pool", 80, 90, 500, 50),
+            row("base", 10, 8, 125, 10)]
     c = ceiling(rows, "pool")
     assert c is not None and c["doubled_at_offered_rate"] == 40
     assert c["last_below"]["offered_rate"] == 20  # type: ignore[index]
+    assert c["saturated_at_offered_rate"] == 80 and c["max_achieved_req_s"] == 50
     [r] = compare(rows, "pool", "base")
     assert r["throughput_ratio"] == 0.8 and r["added_ttft_p50_ms"] == 1.0
 
