@@ -181,3 +181,24 @@ def test_batch_lines_are_read_as_serve_reads_bodies() -> None:
                                         "stream": True}}, model_for, None)
     assert [t.function.name for t in item.request.tools] == ["f"]
     assert item.request.response_format is not None and not item.request.stream
+
+
+@pytest.mark.timeout(120)
+def test_batch_prints_the_runs_cost_from_the_price_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary line totals ``usage.cost_usd`` of the lines this run answered, priced by
+    the pool's ``[prices]`` table: recomputed here from each line's own usage."""
+    source, out, config = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "pool.toml"
+    source.write_text("\n".join(completion_line(f"c{i}", "one two three four") for i in range(4))
+                      + "\n")
+    config.write_text('[[workers]]\nbackend = "echo"\nmodel = "m"\n\n'
+                      "[prices.m]\ninput = 3.0\noutput = 15.0\n")
+    assert main(["batch", str(source), "-o", str(out), "--config", str(config),
+                 "--no-progress"]) == 0
+    usages = [line["response"]["body"]["usage"] for line in read_out(out)]
+    expected = sum(u["prompt_tokens"] * 3.0 + u["completion_tokens"] * 15.0
+                   for u in usages) / 1e6
+    assert expected > 0
+    assert f"4 succeeded, 0 failed, 0 already done, cost ${expected:.6f} ->" in (
+        capsys.readouterr().err)

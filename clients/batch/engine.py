@@ -58,6 +58,8 @@ class BatchEngine:
         self._failure: BaseException | None = None  # a sink that raised stops the run
         self.succeeded = 0
         self.failed = 0
+        self.cost_usd = 0.0  # the broker's price table; 0 for unpriced and local models
+        self.estimated = 0  # answers whose usage the backend could only estimate
 
     @property
     def in_flight(self) -> int:
@@ -127,6 +129,8 @@ class BatchEngine:
             line, ok = error_line(item.custom_id, InternalError(repr(exc))), False
         else:
             line, ok = success_line(item, result), True
+            self.cost_usd += result.usage.cost_usd
+            self.estimated += int(result.usage.estimated)
         # the result is in hand: a cancel arriving now waits for it to be recorded, so a
         # line that ran is never lost (and never run again)
         recording = asyncio.ensure_future(self._record(key, line, ok))

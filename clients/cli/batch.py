@@ -121,8 +121,16 @@ async def _main(args: argparse.Namespace, output: OutputFile) -> int:
         return report(exc, "batch")
     succeeded, failed = _counts(engine)
     print(f"tokenhive batch: {succeeded} succeeded, {failed} failed, "
-          f"{len(done)} already done -> {args.output}", file=sys.stderr)
+          f"{len(done)} already done, {_cost(engine)} -> {args.output}", file=sys.stderr)
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _cost(engine: BatchEngine | None) -> str:
+    """This run's cost from the broker's price table, flagged when some usage was estimated."""
+    if engine is None:
+        return "cost $0"
+    note = f" (usage estimated for {engine.estimated})" if engine.estimated else ""
+    return f"cost ${engine.cost_usd:.6f}{note}"
 
 
 def _counts(engine: BatchEngine | None) -> tuple[int, int]:
