@@ -20,3 +20,12 @@ settings.load_profile("tokenhive")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weights llama GGUF (written in well under a second)."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Commands run in-process (``main(["serve", ...])``) keep their default data dir (the
+    Batches job store) under the test run's tmp dir, never the user's ~/.local/share."""
+    import os
+
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))

@@ -34,7 +34,8 @@ class ServeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenhive.clients.cli.main", "serve", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, **(env or {})},
+            # the default Batches data dir lives under the test's tmp dir, never ~/.local
+            env={**os.environ, "XDG_DATA_HOME": str(workdir / "xdg-data"), **(env or {})},
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
