@@ -15,7 +15,7 @@ from typing import NamedTuple
 from tokenhive.broker.registry import WorkerRegistry
 from tokenhive.schemas.config import Limits
 from tokenhive.schemas.errors import ErrorCode
-from tokenhive.schemas.messages import Error, Request
+from tokenhive.schemas.messages import Error, Kind, Request
 from tokenhive.schemas.tools import schema_bytes, tools_problem
 
 
@@ -77,6 +77,8 @@ def size_problem(request: Request, limits: Limits) -> str | None:
 def tool_size_problem(request: Request, limits: Limits) -> str | None:
     """Tools, tool_choice, response_format and the calls in the messages: count and bytes
     capped, then the cross-field rules (a named tool_choice names an offered tool)."""
+    if (request.tools or request.tool_choice is not None) and request.kind is not Kind.CHAT:
+        return "tools and tool_choice are for chat requests"
     if len(request.tools) > limits.max_tools:
         return (f"tools has {len(request.tools)} items, more than "
                 f"limits.max_tools={limits.max_tools}")

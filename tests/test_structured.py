@@ -104,6 +104,27 @@ def test_every_output_under_a_schema_parses_and_validates_in_one_batch(tiny_gguf
 
 
 @pytest.mark.timeout(60)
+def test_grammar_sequences_step_together_with_free_ones(tiny_gguf: Path) -> None:
+    """Counted, not timed: 2 sequences under a grammar and 2 free ones, 48 tokens each,
+    admitted together, take about 48 decode steps in all (one token each per step), not 4 x
+    48 as they would if a grammar sequence had the engine to itself."""
+
+    async def check(b: GGUFBackend) -> None:
+        assert b.engine is not None
+        schema = {"type": "array", "items": {"type": "integer"}, "minItems": 60}  # > 48 tokens
+        reqs = [chat("x", schema_format(schema) if i < 2 else None, max_tokens=48,
+                     temperature=1.0, seed=i) for i in range(4)]
+        before = b.engine.stats.steps
+        results = await asyncio.gather(*(collect(b, r) for r in reqs))
+        assert all(done.usage.completion_tokens == 48 for _, done in results)
+        assert b.engine.stats.steps - before <= 48 + 4  # + the prompts' prefill steps
+        assert all(text.lstrip().startswith("[") for text, _ in results[:2])
+
+    run_backend(GGUFSpec(model="m", path=str(tiny_gguf), n_ctx=512, slots=4, n_threads=1),
+                check)
+
+
+@pytest.mark.timeout(60)
 def test_json_object_greedy_and_completion(tiny_gguf: Path) -> None:
     async def check(b: GGUFBackend) -> None:
         text, done = await collect(b, chat("json please", ResponseFormat(type="json_object"),

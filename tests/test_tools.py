@@ -283,6 +283,8 @@ def test_broker_caps_tool_count_and_checks_tool_choice() -> None:
     assert "limits.max_tools=4" in (size_problem(req, Limits(max_tools=4)) or "")
     req.tool_choice = NamedToolChoice(ToolChoiceFunction("g"))
     assert "not among the offered tools" in (size_problem(req, Limits()) or "")
+    completion = Request(id="r", model="m", kind=Kind.COMPLETION, prompt="x", tools=many)
+    assert size_problem(completion, Limits()) == "tools and tool_choice are for chat requests"
     huge = Message("assistant", "", tool_calls=[ToolCall("c", FunctionCall("f", "x" * 50))])
     req = Request(id="r", model="m", messages=[huge])
     assert "tool call arguments" in (size_problem(req, Limits(max_prompt_chars=40)) or "")

@@ -156,6 +156,8 @@ class GGUFBackend(Backend):
         if request.kind is Kind.COMPLETION:
             if request.prompt is None:
                 raise InvalidRequest("a completion request needs a prompt")
+            if request.tools or request.tool_choice is not None:
+                raise InvalidRequest("tools and tool_choice are for chat requests")
             prompt, add_bos = request.prompt, self._native_add_bos()
         elif request.kind is Kind.CHAT:
             prompt, add_bos = self._chat_prompt(request)
