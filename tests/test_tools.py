@@ -108,6 +108,7 @@ def test_auto_holds_back_only_what_could_be_a_call() -> None:
     assert could_be_call("") and could_be_call("  {") and could_be_call("<tool") and \
         could_be_call("```js")
     assert not could_be_call("Sure") and not could_be_call(" The")
+    assert could_be_call("```json\n{") and not could_be_call("```python\nimport")
     plain = ToolOutputFilter(forced=False, names=NAMES)
     assert plain.feed(Delta(" ", 1)) is None  # undecided
     assert plain.feed(Delta("It", 1)) == Delta(" It", 2)  # released at once, tokens kept

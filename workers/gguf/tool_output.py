@@ -43,6 +43,8 @@ def could_be_call(text: str) -> bool:
         return True
     if head[0] in "{[":
         return True
+    if head.startswith("```") and "\n" in head:  # a fenced block: only JSON may be a call
+        return head[3:head.index("\n")].strip().lower() in ("", "json")
     return any(head.startswith(m) or m.startswith(head) for m in _MARKERS)
 
 
