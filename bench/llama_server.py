@@ -36,7 +36,8 @@ class LlamaServer:
     """``async with LlamaServer(...) as server``: healthy on ``server.url`` inside the block."""
 
     def __init__(self, model: Path, *, slots: int, ctx_per_slot: int, threads: int | None,
-                 n_gpu_layers: int = 0, batch: int = 512) -> None:
+                 n_gpu_layers: int = 0, batch: int = 512,
+                 chat_template: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = [
@@ -47,6 +48,8 @@ class LlamaServer:
         ]
         if threads:
             self.argv += ["-t", str(threads), "-tb", str(threads)]
+        if chat_template:  # a built-in template name ("gemma", "chatml", ...)
+            self.argv += ["--chat-template", chat_template]
         self.proc: asyncio.subprocess.Process | None = None
 
     @property

@@ -101,7 +101,7 @@ def worker_spec(args: argparse.Namespace) -> AnyWorkerSpec:
         return EchoSpec(model="bench", slots=args.slots, tokens=1_000_000)
     return GGUFSpec(model="bench", path=str(args.model_path), n_ctx=args.ctx,
                     slots=args.slots, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                    count=args.replicas, gpus=args.gpus)
+                    count=args.replicas, gpus=args.gpus, chat_format=args.chat_format)
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -130,7 +130,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             else:
                 server = await stack.enter_async_context(LlamaServer(
                     args.model_path, slots=args.total_slots, ctx_per_slot=args.ctx,
-                    threads=args.threads, n_gpu_layers=args.n_gpu_layers))
+                    threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                    chat_template=args.chat_format))
                 http = OpenAIHTTPSystem("llama-server", server.url, args.api,
                                         args.total_slots * 4)
                 stack.push_async_callback(http.aclose)
@@ -228,6 +229,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-path", type=Path, default=None, help="GGUF (default Gemma 3 270M)")
+    p.add_argument("--chat-format", default=None,
+                   help="chat template for --api chat, the same built-in name for both "
+                        "(default: gemma for the default model, else the model's own)")
     p.add_argument("--gpu", action="store_true", help="all layers on GPU, a worker per GPU")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -275,6 +279,7 @@ def defaults(args: argparse.Namespace) -> None:
         from tokenhive.workers.models.default import default_model_path
 
         args.model_path = default_model_path()
+        args.chat_format = args.chat_format or "gemma"  # its GGUF carries no template
     args.total_slots = args.slots * args.replicas
 
 
