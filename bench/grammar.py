@@ -93,9 +93,10 @@ async def round_(backend: GGUFBackend, n: int, tokens: int, grammar: bool) -> tu
     return generated / wall, bad
 
 
-def resamples(backend: GGUFBackend) -> int:
+def resamples(backend: GGUFBackend) -> tuple[int, int]:
     assert backend.engine is not None
-    return backend.engine.stats.grammar_resamples
+    stats = backend.engine.stats
+    return stats.grammar_resamples, stats.grammar_full_passes
 
 
 async def main() -> None:
@@ -127,15 +128,16 @@ async def main() -> None:
                 rates[mode].append(rate)
                 bad += n_bad
                 print(f"  {mode:6s} {rate:8.1f} tok/s")
-        refused = resamples(backend)
+        refused, full = resamples(backend)
     free, schema = statistics.median(rates["free"]), statistics.median(rates["schema"])
     print(f"model {args.model.name}, {args.concurrent} concurrent, {args.tokens} tokens each, "
           f"{args.threads} threads, {args.rounds} rounds")
     print(f"free   {free:8.1f} tok/s (median)")
     print(f"schema {schema:8.1f} tok/s (median)")
     print(f"ratio schema/free = {schema / free:.3f}")
-    print(f"grammar resamples over the whole vocabulary: {refused}; "
-          f"finished outputs that do not parse: {bad}")
+    generated = args.rounds * args.concurrent * args.tokens
+    print(f"model picks the grammar refused: {refused} (of <= {generated} tokens; {full} "
+          f"resampled over the whole vocabulary); finished outputs that do not parse: {bad}")
 
 
 if __name__ == "__main__":

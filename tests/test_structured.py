@@ -27,6 +27,7 @@ from tokenhive.schemas.messages import ClientMsg, Kind, Message, Request, Sampli
 from tokenhive.schemas.tools import JSONSchemaFormat, ResponseFormat
 from tokenhive.workers.backend import Delta, Done
 from tokenhive.workers.backends.gguf import GGUFBackend
+from tokenhive.workers.gguf import grammar_gate
 from tokenhive.workers.gguf.grammar import schema_grammar
 
 # Strings by pattern: the tiny model's byte tokens could otherwise spell invalid UTF-8, which
@@ -100,6 +101,27 @@ def test_every_output_under_a_schema_parses_and_validates_in_one_batch(tiny_gguf
         assert b.engine is not None and b.engine.running == 0
 
     run_backend(GGUFSpec(model="m", path=str(tiny_gguf), n_ctx=1024, slots=4, n_threads=1),
+                check)
+
+
+@pytest.mark.timeout(60)
+def test_refused_picks_fall_back_to_the_whole_vocabulary(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shortlist of 2 tokens rarely holds an allowed one: the resample then runs over the
+    whole vocabulary, and the outputs are still valid."""
+    monkeypatch.setattr(grammar_gate, "SHORTLIST", 2)
+
+    async def check(b: GGUFBackend) -> None:
+        assert b.engine is not None
+        reqs = [chat("x", schema_format(TINY_SCHEMA), max_tokens=900, temperature=t, seed=i)
+                for i, t in enumerate((0.0, 1.0))]
+        for text, done in await asyncio.gather(*(collect(b, r) for r in reqs)):
+            assert done.finish_reason == "stop"
+            jsonschema.validate(json.loads(text), TINY_SCHEMA)
+        assert b.engine.stats.grammar_full_passes > 0
+
+    run_backend(GGUFSpec(model="m", path=str(tiny_gguf), n_ctx=1024, slots=2, n_threads=1),
                 check)
 
 

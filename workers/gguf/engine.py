@@ -297,8 +297,9 @@ class GGUFEngine:
     def _release(self, slot: Slot) -> None:
         """Free the slot; its KV cache stays (prefix reuse) unless that is switched off."""
         assert slot.run is not None and self.native is not None
-        if slot.run.sampler.grammar is not None:
-            self.stats.grammar_resamples += slot.run.sampler.grammar.resamples
+        if (gate := slot.run.sampler.grammar) is not None:
+            self.stats.grammar_resamples += gate.resamples
+            self.stats.grammar_full_passes += gate.full_passes
         slot.run.sampler.free()
         slot.run = None
         if not self.prefix_cache:

@@ -73,8 +73,8 @@ class GrammarGate:
         self._one = _TokenArray(1)
         self._short = _TokenArray(min(SHORTLIST, n_vocab))
         self._all: _TokenArray | None = None  # the whole vocabulary, made on first need
-        self._ids = np.arange(n_vocab, dtype=np.int32)
         self.resamples = 0  # times the model's own pick was refused (for stats and tests)
+        self.full_passes = 0  # of those, times no shortlisted token fitted
 
     def allows(self, token: int) -> bool:
         one = self._one
@@ -94,7 +94,7 @@ class GrammarGate:
         )
         short = self._short
         n = len(short.data)
-        ids = np.argpartition(logits, -n)[-n:] if n < self._n_vocab else self._ids
+        ids = np.argpartition(logits, -n)[-n:] if n < self._n_vocab else np.arange(n)
         short.reset(n)
         short.data["id"] = ids
         short.data["logit"] = logits[ids]
@@ -102,11 +102,12 @@ class GrammarGate:
         llama_cpp.llama_sampler_apply(self._sampler, short.ref)
         if np.isfinite(short.data["logit"][:n]).any():
             return self._pick(chain, short)
+        self.full_passes += 1
         arr = self._all
         if arr is None:
             arr = self._all = _TokenArray(self._n_vocab)
         arr.reset(self._n_vocab)
-        arr.data["id"] = self._ids
+        arr.data["id"] = np.arange(self._n_vocab, dtype=np.int32)
         arr.data["logit"] = logits
         arr.data["p"] = 0.0
         llama_cpp.llama_sampler_apply(self._sampler, arr.ref)

@@ -151,7 +151,8 @@ class EngineStats:
     decoded_tokens: int = 0  # prompt + generated tokens through llama_decode
     generated_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
-    grammar_resamples: int = 0  # tokens a grammar refused, resampled over the vocabulary
+    grammar_resamples: int = 0  # model picks a grammar refused (then resampled)
+    grammar_full_passes: int = 0  # of those, resampled over the whole vocabulary
     decode_errors: int = 0
     consecutive_decode_errors: int = 0  # since the last request that finished normally
     last_error: str = ""
