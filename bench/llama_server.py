@@ -78,3 +78,16 @@ class LlamaServer:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             await asyncio.wait_for(self.proc.wait(), 30)
+
+
+async def check_chat_template(url: str) -> None:
+    """llama-server renders a chat with the message in it (a template it cannot parse
+    renders as its own literal text, and the comparison would prefill nothing)."""
+    probe = "probe-7f3a sky"
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        reply = await http.post(f"{url}/apply-template",
+                                json={"messages": [{"role": "user", "content": probe}]})
+    rendered = reply.json().get("prompt", "") if reply.status_code == 200 else ""
+    if probe not in rendered:
+        sys.exit(f"llama-server's chat template drops the message (renders {rendered!r}); "
+                 "pick another --chat-format")

@@ -38,7 +38,12 @@ from pathlib import Path
 
 import msgspec
 
-from bench.llama_server import LlamaServer, free_port, llama_server_binary
+from bench.llama_server import (
+    LlamaServer,
+    check_chat_template,
+    free_port,
+    llama_server_binary,
+)
 from bench.serve_gpu import GPUError, gpu_setup, llama_server_devices
 from bench.serve_load import closed_loop, open_loop
 from bench.serve_metrics import SLO, Summary, summarize
@@ -132,6 +137,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     args.model_path, slots=args.total_slots, ctx_per_slot=args.ctx,
                     threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     chat_template=args.chat_format))
+                if args.api == "chat":
+                    await check_chat_template(server.url)
                 http = OpenAIHTTPSystem("llama-server", server.url, args.api,
                                         args.total_slots * 4)
                 stack.push_async_callback(http.aclose)
@@ -231,7 +238,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-path", type=Path, default=None, help="GGUF (default Gemma 3 270M)")
     p.add_argument("--chat-format", default=None,
                    help="chat template for --api chat, the same built-in name for both "
-                        "(default: gemma for the default model, else the model's own)")
+                        "(default: chatml for the default model, else the model's own)")
     p.add_argument("--gpu", action="store_true", help="all layers on GPU, a worker per GPU")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -279,7 +286,10 @@ def defaults(args: argparse.Namespace) -> None:
         from tokenhive.workers.models.default import default_model_path
 
         args.model_path = default_model_path()
-        args.chat_format = args.chat_format or "gemma"  # its GGUF carries no template
+        # Its GGUF carries no template. chatml, not gemma: this llama-server build takes
+        # "--chat-template gemma" for a literal Jinja text (the prompt becomes "gemma");
+        # chatml renders the same on both sides (checked before the run, see below).
+        args.chat_format = args.chat_format or "chatml"
     args.total_slots = args.slots * args.replicas
 
 
