@@ -319,8 +319,10 @@ def main() -> None:
           f"p50 request {e2e.p50_ms:.1f} ms")
     print("  CPU per chunk / cores busy: " + ", ".join(
         f"{name} {us:.1f} µs / {cores:.2f}" for name, (us, cores) in e2e.cpu.items()))
+    busy = sum(cores for _, cores in e2e.cpu.values())
     print(f"end to end / synthetic broker throughput = {e2e.chunks_per_s / rows['broker']:.2f}"
-          " (the process nearest 1.0 core busy is what bounds end to end)")
+          f" (cores busy add up to {busy:.2f} of {os.cpu_count()}: near the total, the machine "
+          "bounds it; else the process nearest 1.0)")
 
 
 if __name__ == "__main__":
