@@ -196,7 +196,7 @@ def test_keywords_the_grammar_cannot_enforce_are_refused_by_name(
 def test_grammar_keeps_json_strings_free_of_raw_control_characters() -> None:
     gbnf = schema_grammar({"type": "string"}, "x")
     assert '[^"\\\\\\x7F\\x00-\\x1F]' in gbnf  # JSON's rule, not the converter's looser one
-    assert 'space ::= | " " | "\\n" [ \\t]{0,20}' in gbnf  # bounded whitespace
+    assert 'space ::= | " " | "\\n"{1,2} [ \\t]{0,20}' in gbnf  # bounded whitespace
 
 
 # --- through the pool -----------------------------------------------------------------------
