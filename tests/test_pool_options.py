@@ -35,3 +35,12 @@ def test_the_same_file_without_the_cycle_loads(tmp_path: Path) -> None:
     path = tmp_path / "pool.toml"
     path.write_text(POOL.replace('fallbacks = ["a"]', "fallbacks = []"))
     check_pool(read_pool_file(path))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("name", ["pool.toml", "gateway.toml"])
+def test_the_shipped_example_pool_files_load(name: str) -> None:
+    """The README shows these files; they must stay loadable as the config grows."""
+    config = read_pool_file(Path(__file__).parent.parent / "examples" / name)
+    check_pool(config)
+    assert config.workers
