@@ -33,8 +33,9 @@ from tokenhive.schemas.tools import Tool, tool_choice_name
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 # The converter allows one optional space between tokens; llama.cpp's C++ converter also
-# allows one or two line breaks and a bounded indent (its exact rule), which is how models like to lay JSON out: far
-# fewer of their picks are refused, and a run of whitespace still cannot go on forever.
+# allows one or two line breaks and a bounded indent (this is its rule), which is how models
+# like to lay JSON out: far fewer of their picks are refused, and a run of whitespace still
+# cannot go on forever.
 _TIGHT_SPACE = 'space ::= " "?'
 _LAID_OUT_SPACE = 'space ::= | " " | "\\n"{1,2} [ \\t]{0,20}'
 

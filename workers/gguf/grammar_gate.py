@@ -7,7 +7,9 @@ it, so a grammar costs little per token:
 2. ask the grammar about that one token (``llama_sampler_apply`` on a 1-token array): most
    of the time the model's own choice is allowed, and checking one token is cheap;
 3. only when it is not, sample again from what the grammar allows among the ``SHORTLIST``
-   most likely tokens (disallowed ones get logit -inf, then the chain runs on the rest);
+   most likely tokens and the end-of-generation tokens (disallowed ones get logit -inf,
+   then the chain runs on the rest): once the JSON is complete, only ending is allowed,
+   which a model that wanted to add a closing code fence may not rank high;
 4. only when none of those fits, apply the grammar to the whole vocabulary.
 
 Step 3 is what keeps a refusal cheap: a grammar checks every candidate token against its
@@ -63,7 +65,10 @@ class _TokenArray:
 
 
 class GrammarGate:
-    def __init__(self, vocab: llama_cpp.llama_vocab_p, n_vocab: int, grammar: str) -> None:
+    def __init__(
+        self, vocab: llama_cpp.llama_vocab_p, n_vocab: int, grammar: str,
+        always: tuple[int, ...] = (),
+    ) -> None:
         self._sampler = llama_cpp.llama_sampler_init_grammar(
             vocab, grammar.encode("utf-8"), b"root"
         )
@@ -71,7 +76,9 @@ class GrammarGate:
             raise InvalidRequest("the output grammar does not parse (llama.cpp refused it)")
         self._n_vocab = n_vocab
         self._one = _TokenArray(1)
-        self._short = _TokenArray(min(SHORTLIST, n_vocab))
+        self._top = min(SHORTLIST, n_vocab)
+        self._always = np.array(always, dtype=np.int32)  # shortlisted whatever their logit
+        self._short = _TokenArray(self._top + len(always))
         self._all: _TokenArray | None = None  # the whole vocabulary, made on first need
         self.resamples = 0  # times the model's own pick was refused (for stats and tests)
         self.full_passes = 0  # of those, times no shortlisted token fitted
@@ -93,12 +100,14 @@ class GrammarGate:
             llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)
         )
         short = self._short
-        n = len(short.data)
-        ids = np.argpartition(logits, -n)[-n:] if n < self._n_vocab else np.arange(n)
+        top = self._top
+        ids = np.argpartition(logits, -top)[-top:] if top < self._n_vocab else np.arange(top)
+        ids = np.union1d(ids, self._always)  # sorted, each once
+        n = len(ids)
         short.reset(n)
-        short.data["id"] = ids
-        short.data["logit"] = logits[ids]
-        short.data["p"] = 0.0
+        short.data["id"][:n] = ids
+        short.data["logit"][:n] = logits[ids]
+        short.data["p"][:n] = 0.0
         llama_cpp.llama_sampler_apply(self._sampler, short.ref)
         if np.isfinite(short.data["logit"][:n]).any():
             return self._pick(chain, short)

@@ -30,5 +30,6 @@ def prepare(native: LlamaNative, job: Job, n_ctx: int, seed: int) -> Admitted:
             f"prompt {n} tokens + max_tokens {max_tokens} = {n + max_tokens} exceeds "
             f"the context of {n_ctx} tokens per slot"
         )
-    gate = GrammarGate(native.vocab, native.n_vocab, job.grammar) if job.grammar else None
+    gate = GrammarGate(native.vocab, native.n_vocab, job.grammar, native.end_tokens) \
+        if job.grammar else None
     return Admitted(job, tokens, max_tokens, seed, gate)

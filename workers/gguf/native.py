@@ -111,6 +111,8 @@ class LlamaNative:
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        ends = (llama_cpp.llama_vocab_eos(self.vocab), llama_cpp.llama_vocab_eot(self.vocab))
+        self.end_tokens = tuple(sorted({int(t) for t in ends if t >= 0}))  # EOS, end of turn
         self.model_bytes = int(llama_cpp.llama_model_size(self.model))
 
         threads = p.n_threads or os.cpu_count() or 1
