@@ -110,7 +110,7 @@ def test_refused_picks_fall_back_to_the_whole_vocabulary(
 ) -> None:
     """A shortlist of 2 tokens rarely holds an allowed one: the resample then runs over the
     whole vocabulary, and the outputs are still valid."""
-    monkeypatch.setattr(grammar_gate, "SHORTLIST", 2)
+    monkeypatch.setattr(grammar_gate, "SHORTLISTS", (2,))
 
     async def check(b: GGUFBackend) -> None:
         assert b.engine is not None

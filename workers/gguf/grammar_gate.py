@@ -6,18 +6,20 @@ it, so a grammar costs little per token:
 1. sample as usual (the sequence's chain: penalties, top-k, ..., greedy or seeded dist);
 2. ask the grammar about that one token (``llama_sampler_apply`` on a 1-token array): most
    of the time the model's own choice is allowed, and checking one token is cheap;
-3. only when it is not, sample again from what the grammar allows among the ``SHORTLIST``
-   most likely tokens and the end-of-generation tokens (disallowed ones get logit -inf,
-   then the chain runs on the rest): once the JSON is complete, only ending is allowed,
-   which a model that wanted to add a closing code fence may not rank high;
-4. only when none of those fits, apply the grammar to the whole vocabulary.
+3. only when it is not, sample again from what the grammar allows among the 1024 most
+   likely tokens and the end-of-generation tokens (disallowed ones get logit -inf, then
+   the chain runs on the rest): once the JSON is complete, only ending is allowed, which a
+   model that wanted to add a closing code fence may not rank high;
+4. when none of those fits (the grammar spells out a property name the model did not have
+   in mind: only a few rare tokens fit), the same among the 16384 most likely;
+5. only when none of those fits either, apply the grammar to the whole vocabulary.
 
-Step 3 is what keeps a refusal cheap: a grammar checks every candidate token against its
+Steps 3-4 are what keep a refusal cheap: a grammar checks every candidate token against its
 parse stacks, about 0.7 us a token, so the whole 262k vocabulary of Gemma 3 costs ~180 ms
 on a busy 2-core machine, a shortlist of 1024 well under 1 ms (plus ~1-3 ms to find it). It
 is exact for greedy decoding (the best allowed token is on the shortlist whenever any is);
-when sampling, allowed tokens beyond the 1024 most likely are left out, all less likely than
-every allowed token on the shortlist (top-k / top-p / min-p would mostly cut them anyway).
+when sampling, allowed tokens beyond a shortlist are left out, all less likely than every
+allowed token on it (top-k / top-p / min-p would mostly cut them anyway).
 
 The chosen token is then accepted by the grammar (it advances its parse state). A token is
 only ever accepted after the grammar allowed it: llama.cpp aborts the process on a token
@@ -40,7 +42,7 @@ from tokenhive.schemas.errors import BackendError, InvalidRequest
 
 # llama_token_data: {int32 id; float logit; float p} (12 bytes, no padding)
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-SHORTLIST = 1024  # most likely tokens a refused pick is resampled from first
+SHORTLISTS = (1024, 16384)  # most likely tokens a refused pick is resampled from, in turn
 
 
 class GrammarDeadEnd(BackendError):
@@ -76,9 +78,9 @@ class GrammarGate:
             raise InvalidRequest("the output grammar does not parse (llama.cpp refused it)")
         self._n_vocab = n_vocab
         self._one = _TokenArray(1)
-        self._top = min(SHORTLIST, n_vocab)
+        self._tops = [n for n in SHORTLISTS if n < n_vocab]
         self._always = np.array(always, dtype=np.int32)  # shortlisted whatever their logit
-        self._short = _TokenArray(self._top + len(always))
+        self._short = _TokenArray(max(self._tops, default=0) + len(always))
         self._all: _TokenArray | None = None  # the whole vocabulary, made on first need
         self.resamples = 0  # times the model's own pick was refused (for stats and tests)
         self.full_passes = 0  # of those, times no shortlisted token fitted
@@ -100,17 +102,16 @@ class GrammarGate:
             llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)
         )
         short = self._short
-        top = self._top
-        ids = np.argpartition(logits, -top)[-top:] if top < self._n_vocab else np.arange(top)
-        ids = np.union1d(ids, self._always)  # sorted, each once
-        n = len(ids)
-        short.reset(n)
-        short.data["id"][:n] = ids
-        short.data["logit"][:n] = logits[ids]
-        short.data["p"][:n] = 0.0
-        llama_cpp.llama_sampler_apply(self._sampler, short.ref)
-        if np.isfinite(short.data["logit"][:n]).any():
-            return self._pick(chain, short)
+        for top in self._tops:
+            ids = np.union1d(np.argpartition(logits, -top)[-top:], self._always)
+            n = len(ids)
+            short.reset(n)
+            short.data["id"][:n] = ids
+            short.data["logit"][:n] = logits[ids]
+            short.data["p"][:n] = 0.0
+            llama_cpp.llama_sampler_apply(self._sampler, short.ref)
+            if np.isfinite(short.data["logit"][:n]).any():
+                return self._pick(chain, short)
         self.full_passes += 1
         arr = self._all
         if arr is None:
