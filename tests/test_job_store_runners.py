@@ -138,7 +138,8 @@ async def test_two_services_on_one_postgres_run_each_line_exactly_once(
     assert sum(ran) == 40 and min(ran) > 0, ran
 
 
-@pytest.mark.timeout(120)
+# above the sum of the two 60 s deadlines inside, so a slow run fails with their message
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("shared", [False, True], ids=["sqlite", "postgres"])
 async def test_a_stopped_service_gives_its_lines_back_and_the_next_one_finishes(
     shared: bool, request: pytest.FixtureRequest, broker: str, tmp_path: Path
