@@ -53,11 +53,17 @@ batch: $(RUNTIME)
 	mkdir -p $(dir $(OUT))
 	$(BIN)/tokenhive batch $(JOBS) -o $(OUT)
 
+## Every bench, each printing its ratios (side by side in one run); see README, Benchmarks.
 bench: $(STAMP)
 	$(BIN)/python -m bench.broker
 	$(BIN)/python -m bench.gguf
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.remote
+	$(BIN)/python -m bench.http_transport
+	$(BIN)/python -m bench.grammar
+	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.serve --backend echo
+	$(BIN)/python -m bench.serve --concurrency 1,8,16 --api chat
 	$(BIN)/python -m bench.http_transport
 
 clean:
