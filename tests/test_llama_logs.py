@@ -53,3 +53,27 @@ def test_llama_cpp_lines_are_our_debug_records(tmp_path: Path, tiny_gguf: Path) 
     assert len(warned) == 1 and warned[0]["level"] == "debug"
     assert warned[0]["llama_level"] == "warn" and not warned[0]["msg"].endswith("\n")
     assert any(r["msg"].startswith("llama_model_loader:") for r in records)
+
+
+@pytest.mark.timeout(120)
+def test_an_embedding_worker_keeps_llama_cpp_off_stderr(tmp_path: Path, tiny_gguf: Path) -> None:
+    """Embedding models load through llama-cpp-python's ``Llama``: the same routing holds."""
+    broker = start_broker(tmp_path, heartbeat_interval=0.2)
+    spec = json.dumps({"backend": "gguf", "model": "emb", "path": str(tiny_gguf),
+                       "embedding": True, "n_threads": 1, "slots": 1})
+    worker = WorkerProc(["--broker", broker.workers, "--spec-json", spec, "--id", "emb",
+                         "--log-level", "warning"], tmp_path / "emb.log")
+    try:
+        async def ready() -> None:
+            async with AsyncClient(broker.clients) as client:
+                await wait_status(client, lambda s: [w.health for w in s.workers] == ["ok"],
+                                  within=90)
+                result = await client.embed(["a b"], model="emb")
+                assert result.embeddings and len(result.embeddings) == 1
+        run(ready())
+    finally:
+        worker.stop()
+        broker.terminate()
+    quiet = worker.log_text()
+    assert "llama_model_loader" not in quiet and "llama_context" not in quiet, quiet[:2000]
+    assert all(line.startswith("{") for line in quiet.splitlines() if line.strip())

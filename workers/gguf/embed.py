@@ -25,6 +25,7 @@ import llama_cpp
 
 from tokenhive.schemas.config import GGUFSpec
 from tokenhive.schemas.errors import ContextTooLong, InternalError, InvalidRequest, ModelLoadFailed
+from tokenhive.workers.gguf import llama_log
 from tokenhive.workers.gguf.cpu_check import check_cpu
 
 POOLING: dict[str, int] = {
@@ -56,6 +57,7 @@ class GGUFEmbedder:
             )
         if not Path(path).is_file():
             raise ModelLoadFailed(f"model file not found: {path}")
+        llama_log.install()  # llama.cpp's lines become our debug records, not raw stderr
         try:
             self._llama = llama_cpp.Llama(
                 model_path=str(path),
