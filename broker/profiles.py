@@ -3,7 +3,8 @@
 Model: the profile's when the request names none. Sampling: each field the request left None
 (stop: empty). System prompt: prepended to a chat that has no system message. Priority: the
 profile's when the request kept the default (normal), since the wire cannot tell "normal on
-purpose" from "not given".
+purpose" from "not given". Tools: the profile's tool set (and its tool_choice) for a chat request
+that offers none of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def apply_profile(request: Request, profile: Profile) -> Request:
             and not any(m.role == "system" for m in request.messages)):
         changes["messages"] = [Message(role="system", content=profile.system),
                                *request.messages]
+    if profile.tools and request.kind is Kind.CHAT and not request.tools:
+        changes["tools"] = list(profile.tools)
+        if request.tool_choice is None:
+            changes["tool_choice"] = profile.tool_choice
     if profile.priority is not None and request.priority == Priority.NORMAL:
         changes["priority"] = profile.priority
     return msgspec.structs.replace(request, **changes) if changes else request

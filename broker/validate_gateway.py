@@ -5,6 +5,7 @@ through groups and fallbacks is not, nor a name that is both a group and a model
 from __future__ import annotations
 
 from tokenhive.schemas.config import BrokerConfig
+from tokenhive.schemas.tools import tools_problem
 
 
 def gateway_problems(cfg: BrokerConfig) -> list[str]:
@@ -35,6 +36,9 @@ def gateway_problems(cfg: BrokerConfig) -> list[str]:
     for name, profile in cfg.profiles.items():
         need(profile.model is None or bool(profile.model),
              f"profiles.{name}.model must not be empty")
+        if profile.tools or profile.tool_choice is not None:
+            problem = tools_problem(profile.tools, profile.tool_choice)
+            need(problem is None, f"profiles.{name}.{problem}")
         for field in ("tokens_per_minute", "tokens_per_day", "usd_per_minute", "usd_per_day"):
             value = getattr(profile, field)
             need(value is None or value > 0, f"profiles.{name}.{field} must be > 0, got {value}")

@@ -34,6 +34,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from tokenhive.schemas.messages import PriorityLevel, Sampling
+from tokenhive.schemas.tools import Tool, ToolChoice
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
 
@@ -69,6 +70,9 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
     system: str | None = None  # a chat's system message, when the request has none
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     priority: PriorityLevel | None = None
+    # The agent's tool set (OpenAI's shape): offered to its chat requests that bring none.
+    tools: list[Tool] = msgspec.field(default_factory=list)
+    tool_choice: ToolChoice | None = None  # with the profile's tools; None: "auto"
     # Budgets over rolling windows, counted from finished requests' usage. Over one: the
     # request is refused with budget_exceeded before it is queued.
     tokens_per_minute: int | None = None

@@ -13,6 +13,8 @@ is a ``BadField`` whose ``param`` names the field (``messages[2].content``), Ope
   ``functions``, ...) are refused (``unsupported_parameter``) unless they hold their no-op
   value (``n: 1``, ``logit_bias: {}``).
 - Harmless fields (user, metadata, store, ...) are accepted and ignored.
+- ``profile`` (tokenhive's own) names a ``[profiles.NAME]`` of the pool: its defaults, tool set
+  and budgets apply as for any other client.
 
 ``parse_body(kind, raw)`` is the entry point: ``raw`` is the request's bytes, or an already
 decoded JSON object (a Batch API line's ``body``).
@@ -57,6 +59,9 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
+    # tokenhive's extension: a ``[profiles.NAME]`` of the pool (the openai SDK sends it with
+    # ``extra_body={"profile": "planner"}``); the broker applies it and checks its budgets
+    profile: str | None = None
     # harmless: accepted and ignored
     user: str | None = None
     metadata: Any = None
@@ -167,7 +172,7 @@ def parse_body(kind: Kind, raw: bytes | object, *, priority: int = Priority.NORM
     if not body.model:
         raise BadField("model", "model must not be empty")
     request = Request(id=new_request_id(), model=body.model, kind=kind, priority=priority,
-                      timeout=timeout, stream=False)
+                      timeout=timeout, stream=False, profile=body.profile or None)
     parsed = Parsed(request=request)
     if isinstance(body, EmbeddingBody):
         request.input = _inputs(body.input)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 
 from tokenhive.clients.async_client import AsyncClient
@@ -30,6 +31,9 @@ from tokenhive.schemas.errors import BrokerUnavailable, ModelLoadFailed, TokenHi
 log = logging.getLogger("tokenhive.sidecar")
 
 SCHEMES = ("tcp://", "ipc://", "inproc://")
+# llmkit passes no profile; its config's Env can: every request of this sidecar then runs under
+# that ``[profiles.NAME]`` of the pool (defaults, tool set, budgets).
+PROFILE_ENV = "TOKENHIVE_PROFILE"
 
 
 def broker_address(host: str) -> str:
@@ -92,7 +96,8 @@ class Upstream:
                            {"address": address}) from None
         except TokenHiveError as exc:  # a malformed address
             raise RpcError(INVALID_PARAMS, f"init: {exc.message}") from None
-        client = AsyncClient(address, broker_timeout=self._broker_timeout)
+        client = AsyncClient(address, broker_timeout=self._broker_timeout,
+                             profile=os.environ.get(PROFILE_ENV) or None)
         self.client = await self._stack.enter_async_context(client)
         self.address = address
         log.info("sidecar connected", extra={"address": address})
@@ -111,7 +116,8 @@ class Upstream:
         except PoolStartError as exc:
             raise RpcError(CONNECTION_ERROR, f"local pool: {exc.message}") from None
         self.client = await self._stack.enter_async_context(
-            AsyncClient(pool.address, broker_timeout=self._broker_timeout))
+            AsyncClient(pool.address, broker_timeout=self._broker_timeout,
+                        profile=os.environ.get(PROFILE_ENV) or None))
         self.address = pool.address
         self.local = True
         log.info("sidecar started a local pool", extra={"address": pool.address,
