@@ -135,8 +135,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             else:
                 server = await stack.enter_async_context(LlamaServer(
                     args.model_path, slots=args.total_slots, ctx_per_slot=args.ctx,
-                    threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                    chat_template=args.chat_format))
+                    threads=None if args.threads is None else args.threads * args.replicas,
+                    n_gpu_layers=args.n_gpu_layers, chat_template=args.chat_format))
                 if args.api == "chat":
                     await check_chat_template(server.url)
                 http = OpenAIHTTPSystem("llama-server", server.url, args.api,
@@ -239,6 +239,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat-format", default=None,
                    help="chat template for --api chat, the same built-in name for both "
                         "(default: chatml for the default model, else the model's own)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="CPU: pool workers of --threads each, against one llama-server with "
+                        "workers x threads threads and the same total slots")
     p.add_argument("--gpu", action="store_true", help="all layers on GPU, a worker per GPU")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -271,7 +274,7 @@ def defaults(args: argparse.Namespace) -> None:
                        synthetic_fraction=args.synthetic_fraction,
                        synthetic_input_len=args.input_len)
     args.shape.check()
-    args.n_gpu_layers, args.replicas, args.gpus = 0, 1, []
+    args.n_gpu_layers, args.replicas, args.gpus = 0, max(1, args.workers), []
     if gpu:
         try:
             args.n_gpu_layers, args.replicas, args.gpus = gpu_setup()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
 from tests.support.tiny_gguf import write_tiny_llama
 
 # Property tests: the same examples on every machine and run, no example database, no
@@ -29,3 +30,13 @@ def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+
+
+@pytest.fixture
+def postgres() -> Postgres:
+    """The test run's PostgreSQL server (started once, as an unprivileged user); the test is
+    skipped, saying why, where none can start."""
+    try:
+        return shared_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
+from tests.support.postgres import Postgres
 from tokenhive.clients.batch.input_file import split_input
 from tokenhive.clients.batch.sqlite import SqliteDialect
 from tokenhive.clients.batch.store import JobStore, open_store
@@ -31,14 +31,6 @@ def request_line(cid: str, url: str = ENDPOINT, **extra: object) -> str:
     return json.dumps({"custom_id": cid, "method": "POST", "url": url,
                        "body": {"model": "m", "prompt": f"say {cid}", "max_tokens": 2},
                        **extra})
-
-
-@pytest.fixture
-def postgres() -> Postgres:
-    try:
-        return shared_postgres()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
+from tests.support.postgres import Postgres
 from tests.support.procs import start_broker
 from tests.support.worker_peers import start_worker
 from tests.test_batch import wait_models
@@ -32,13 +32,6 @@ ENDPOINT = "/v1/chat/completions"
 def anyio_backend() -> str:
     return "asyncio"
 
-
-@pytest.fixture
-def postgres() -> Postgres:
-    try:
-        return shared_postgres()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import openai
 import pytest
 from openai.types import Batch
 
-from tests.support.postgres import Postgres, PostgresUnavailable, shared_postgres
 from tests.support.procs import Proc, start_broker
 from tests.support.serve import ServeProcess
 from tests.support.worker_peers import WorkerProc, start_worker
@@ -310,10 +309,3 @@ def test_servers_sharing_a_data_dir_or_a_postgres_database(
     assert secret.returncode == 2 and "must not hold a password" in secret.stderr
     assert "hunter2" not in secret.stderr
 
-
-@pytest.fixture
-def postgres() -> Postgres:
-    try:
-        return shared_postgres()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for the shared job store tests: {exc}")
