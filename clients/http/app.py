@@ -37,6 +37,7 @@ from tokenhive.clients.http.errors import (
     from_problem,
     openai_error,
 )
+from tokenhive.clients.http.sse_response import SseResponse
 from tokenhive.schemas.errors import TokenHiveError
 from tokenhive.schemas.messages import Kind
 
@@ -50,7 +51,7 @@ def api_routes(ctx: ServeContext) -> list[BaseRoute]:
     def bound(handler: Handler) -> Callable[[HttpRequest], Awaitable[Response]]:
         return partial(handler, ctx)
 
-    def generation(kind: Kind) -> Callable[[HttpRequest], Awaitable[Response]]:
+    def generation(kind: Kind) -> Callable[[HttpRequest], Awaitable[Response | SseResponse]]:
         return partial(completions.handle, ctx, kind=kind)
 
     return [

@@ -13,26 +13,23 @@ A stream's first chunk is awaited before the 200 is sent, so a request refused a
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import msgspec
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from tokenhive.clients.http.context import ServeContext, unless_disconnected
-from tokenhive.clients.http.errors import from_exception, stream_error_event
+from tokenhive.clients.http.errors import from_exception
 from tokenhive.clients.http.openai_requests import Parsed, parse_body
-from tokenhive.clients.http.openai_responses import SseFramer, response_body
+from tokenhive.clients.http.openai_responses import response_body
+from tokenhive.clients.http.sse_response import CLIENT_CLOSED, SseResponse
 from tokenhive.clients.stream import Stream
 from tokenhive.schemas.errors import InternalError, TokenHiveError
 from tokenhive.schemas.messages import Chunk, Kind, Usage
 
 ENDPOINT = {Kind.CHAT: "chat", Kind.COMPLETION: "completions", Kind.EMBEDDING: "embeddings"}
-CLIENT_CLOSED = "client_closed"  # the outcome label when the HTTP client went away
 CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it, logs do
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def json_response(body: object, status: int = 200) -> Response:
@@ -40,7 +37,7 @@ def json_response(body: object, status: int = 200) -> Response:
                     media_type="application/json")
 
 
-async def handle(ctx: ServeContext, http: HttpRequest, kind: Kind) -> Response:
+async def handle(ctx: ServeContext, http: HttpRequest, kind: Kind) -> Response | SseResponse:
     started = time.monotonic()
     endpoint = ENDPOINT[kind]
     metrics = ctx.metrics
@@ -80,7 +77,7 @@ async def handle(ctx: ServeContext, http: HttpRequest, kind: Kind) -> Response:
 
 
 async def _start_stream(ctx: ServeContext, http: HttpRequest, parsed: Parsed,
-                        started: float) -> Response:
+                        started: float) -> Response | SseResponse:
     stream = ctx.client.stream_request(parsed.request)
     try:
         present, first = await unless_disconnected(http.receive, _first_chunk(stream))
@@ -92,7 +89,13 @@ async def _start_stream(ctx: ServeContext, http: HttpRequest, parsed: Parsed,
         ctx.metrics.finished(ENDPOINT[parsed.request.kind], parsed.request.model,
                              CLIENT_CLOSED, time.monotonic() - started)
         return Response(status_code=CLIENT_CLOSED_STATUS)
-    return SseResponse(ctx, parsed, stream, first, started)
+    endpoint, model = ENDPOINT[parsed.request.kind], parsed.request.model
+
+    def finished(outcome: str, usage: Usage | None, queue_ms: float | None) -> None:
+        ctx.metrics.finished(endpoint, model, outcome, time.monotonic() - started, usage,
+                             queue_ms)
+
+    return SseResponse(ctx, parsed, stream, first, started, finished)
 
 
 async def _first_chunk(stream: Stream) -> Chunk | None:
@@ -100,68 +103,3 @@ async def _first_chunk(stream: Stream) -> Chunk | None:
     async for chunk in stream:
         return chunk
     return None
-
-
-class SseResponse(StreamingResponse):
-    """The SSE body of one streamed request. Its cleanup (cancel if unfinished, metrics,
-    in-flight count) runs however the response ends, even if the body never started."""
-
-    def __init__(self, ctx: ServeContext, parsed: Parsed, stream: Stream, first: Chunk | None,
-                 started: float) -> None:
-        self.ctx = ctx
-        self.parsed = parsed
-        self.stream = stream
-        self.first = first
-        self.started = started
-        self.outcome = CLIENT_CLOSED  # until the iterator says otherwise
-        self.usage: Usage | None = None
-        self.queue_ms: float | None = None
-        request = parsed.request
-        self.framer = SseFramer(request.kind, stream.id, request.model,
-                                include_usage=parsed.include_usage)
-        super().__init__(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-    async def _events(self) -> AsyncIterator[bytes]:
-        framer, stream, first = self.framer, self.stream, self.first
-        gap = self.ctx.metrics.gap.labels(self.ctx.metrics.model_label(self.parsed.request.model))
-        opening = framer.start()
-        if first is not None:
-            self.ctx.metrics.ttft.labels(self.ctx.metrics.model_label(
-                self.parsed.request.model)).observe(time.monotonic() - self.started)
-            opening += self._frame(first)
-        if opening:
-            yield opening
-        last = time.monotonic()
-        try:
-            if first is not None:
-                async for chunk in stream:
-                    now = time.monotonic()
-                    gap.observe(now - last)
-                    last = now
-                    yield self._frame(chunk)
-            result = stream.result
-        except TokenHiveError as exc:
-            self.outcome = exc.code.value
-            yield stream_error_event(exc)
-            return
-        self.outcome = "ok"
-        self.usage = result.usage
-        self.queue_ms = result.timings.queue_ms
-        yield framer.finish(result.finish_reason, result.usage)
-
-    def _frame(self, chunk: Chunk) -> bytes:
-        if not chunk.tool_calls:
-            return self.framer.delta(chunk.text)
-        text = self.framer.delta(chunk.text) if chunk.text else b""
-        return text + self.framer.tool_calls(chunk.tool_calls)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.stream.aclose()  # a no-op when finished; else the broker gets a Cancel
-            self.ctx.metrics.finished(
-                ENDPOINT[self.parsed.request.kind], self.parsed.request.model, self.outcome,
-                time.monotonic() - self.started, self.usage, self.queue_ms,
-            )
-            self.ctx.metrics.in_flight.dec()

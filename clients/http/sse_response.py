@@ -1,0 +1,143 @@
+"""``SseResponse``: the SSE body of one streamed chat or completion request, as a plain ASGI
+response that writes our frames straight to the server.
+
+Starlette's StreamingResponse runs every stream in an anyio task group (one task sending,
+one listening for the disconnect) and sends each frame as its own message after an
+isinstance check. This is the per-token path of ``tokenhive serve``, so instead: one watcher
+task per stream, which cancels the sending task when the client goes away (the broker then
+gets a Cancel through ``stream.aclose()``), headers built once per process, the first chunk
+sent with the opening event, and the closing events sent with the final message. The
+inter-token gaps are noted in a list and observed into the histogram once the stream ended,
+off the path between two tokens.
+
+The cleanup (cancel if unfinished, metrics, in-flight count) runs however the response ends,
+even if the body never started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Receive, Scope, Send
+
+from tokenhive.clients.http.context import ServeContext
+from tokenhive.clients.http.errors import stream_error_event
+from tokenhive.clients.http.openai_requests import Parsed
+from tokenhive.clients.http.openai_responses import SseFramer
+from tokenhive.clients.stream import Stream
+from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.schemas.messages import Chunk, Usage
+
+CLIENT_CLOSED = "client_closed"  # the outcome label when the HTTP client went away
+# What Starlette's StreamingResponse(media_type="text/event-stream") sent, byte for byte.
+RAW_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                   (b"content-type", b"text/event-stream; charset=utf-8")]
+START = {"type": "http.response.start", "status": 200, "headers": RAW_SSE_HEADERS}
+
+Finished = Callable[[str, Usage | None, float | None], None]
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class SseResponse:
+    """An ASGI app answering one streamed request; ``finished(outcome, usage, queue_ms)``
+    records its metrics once it ended."""
+
+    def __init__(self, ctx: ServeContext, parsed: Parsed, stream: Stream, first: Chunk | None,
+                 started: float, finished: Finished) -> None:
+        self.ctx = ctx
+        self.parsed = parsed
+        self.stream = stream
+        self.first = first
+        self.started = started
+        self.finished = finished
+        self.outcome = CLIENT_CLOSED  # until the body says otherwise
+        self.usage: Usage | None = None
+        self.queue_ms: float | None = None
+        self.gaps: list[float] = []
+        request = parsed.request
+        self.framer = SseFramer(request.kind, stream.id, request.model,
+                                include_usage=parsed.include_usage)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body_task = asyncio.current_task()
+        assert body_task is not None
+        state = {"ended": False, "gone": False}
+
+        def on_watcher_done(watcher: asyncio.Future[None]) -> None:
+            if watcher.cancelled() or watcher.exception() is not None or state["ended"]:
+                return
+            state["gone"] = True
+            body_task.cancel()
+
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(on_watcher_done)
+        try:
+            await self._send_body(send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            body_task.uncancel()  # the client left: ours, not a cancellation from above
+        except OSError:  # the transport broke under a send: the client is gone
+            pass
+        finally:
+            state["ended"] = True
+            watcher.cancel()
+            await self._cleanup()
+
+    async def _send_body(self, send: Callable[[dict[str, object]], Awaitable[None]]) -> None:
+        framer, stream, first = self.framer, self.stream, self.first
+        metrics = self.ctx.metrics
+        opening = framer.start()
+        if first is not None:
+            metrics.ttft.labels(metrics.model_label(self.parsed.request.model)).observe(
+                time.monotonic() - self.started)
+            opening += self._frame(first)
+        await send(START)
+        if opening:
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
+        gaps = self.gaps
+        frame = self._frame
+        monotonic = time.monotonic
+        last = monotonic()
+        try:
+            if first is not None:
+                async for chunk in stream:
+                    now = monotonic()
+                    gaps.append(now - last)
+                    last = now
+                    await send({"type": "http.response.body", "body": frame(chunk),
+                                "more_body": True})
+            result = stream.result
+        except TokenHiveError as exc:
+            self.outcome = exc.code.value
+            await send({"type": "http.response.body", "body": stream_error_event(exc),
+                        "more_body": False})
+            return
+        self.outcome = "ok"
+        self.usage = result.usage
+        self.queue_ms = result.timings.queue_ms
+        await send({"type": "http.response.body",
+                    "body": framer.finish(result.finish_reason, result.usage),
+                    "more_body": False})
+
+    def _frame(self, chunk: Chunk) -> bytes:
+        if not chunk.tool_calls:
+            return self.framer.delta(chunk.text)
+        text = self.framer.delta(chunk.text) if chunk.text else b""
+        return text + self.framer.tool_calls(chunk.tool_calls)
+
+    async def _cleanup(self) -> None:
+        await self.stream.aclose()  # a no-op when finished; else the broker gets a Cancel
+        metrics = self.ctx.metrics
+        if self.gaps:
+            gap = metrics.gap.labels(metrics.model_label(self.parsed.request.model))
+            for seconds in self.gaps:
+                gap.observe(seconds)
+        self.finished(self.outcome, self.usage, self.queue_ms)
+        metrics.in_flight.dec()
