@@ -22,10 +22,12 @@ import msgspec
 import uvloop
 import zmq
 
+from tokenhive.broker.auth import curve_problems
 from tokenhive.broker.loop import BrokerServer
 from tokenhive.broker.validate import config_problems
 from tokenhive.logs import configure_logging
 from tokenhive.schemas.config import BrokerConfig
+from tokenhive.transport import CurveKeyError
 
 log = logging.getLogger("tokenhive.broker")
 
@@ -49,6 +51,12 @@ _HELP = {
                          "cooldown",
     "cooldown_window": "seconds over which a model's failures are counted",
     "cooldown_s": "seconds a failing model is skipped while an alternative is left",
+    "curve_secret_key": "FILE with the broker's CURVE key pair (a *.key_secret from "
+                        "`tokenhive keys generate`): encrypts and authenticates tcp links",
+    "curve_allow": "DIR of allowed public *.key files, for workers and clients",
+    "curve_allow_workers": "DIR of workers' allowed public *.key files (instead of --curve-allow)",
+    "curve_allow_clients": "DIR of clients' allowed public *.key files (instead of --curve-allow)",
+    "insecure": "allow a non-loopback tcp bind without CURVE keys",
 }
 
 
@@ -63,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the whole [broker] section as JSON (`-`: read it from stdin); "
                         "flags override its fields")
     for field in _flag_fields():
+        if isinstance(field.default, bool):
+            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
+                                action="store_true", default=None,
+                                help=_HELP.get(field.name, field.name))
+            continue
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
@@ -93,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         if getattr(args, f.name, None) is not None
     })
     cfg = msgspec.convert(given, BrokerConfig)
-    problems = config_problems(cfg)
+    problems = config_problems(cfg) + curve_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))
     return cfg
@@ -107,7 +120,12 @@ def write_ready_file(path: Path, clients: str, workers: str) -> None:
 
 
 async def serve(cfg: BrokerConfig, ready_file: Path | None = None) -> int:
-    server = BrokerServer(cfg)
+    try:
+        server = BrokerServer(cfg)
+    except CurveKeyError as exc:
+        log.error("bad CURVE keys", extra={"error": str(exc)})
+        print(f"tokenhive broker: {exc}", file=sys.stderr)
+        return 2
     try:
         clients, workers = server.bind()
     except zmq.ZMQError as exc:
@@ -120,7 +138,8 @@ async def serve(cfg: BrokerConfig, ready_file: Path | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("broker ready", extra={"clients": clients, "workers": workers, "pid": os.getpid(),
-                                    "balancer": cfg.balancer})
+                                    "balancer": cfg.balancer,
+                                    "curve": server.authenticator is not None})
     if ready_file is not None:
         write_ready_file(ready_file, clients, workers)
     try:

@@ -63,6 +63,8 @@ class BrokerCore:
         self.timers = Timers(self.state, self.flow)
         # The hot path, bound straight to its implementation: no delegating call per chunk.
         self.on_chunk = self.workers.on_chunk
+        # Refused CURVE handshakes so far; the socket loop, which sees them, replaces this.
+        self.auth_failures: Callable[[], int] = lambda: 0
 
     # -- read-only views of the state (tests, the loop, status) ----------------------------
 
@@ -108,9 +110,9 @@ class BrokerCore:
         """Handle what sends reported (gone/full peers) and dispatch newly possible work."""
         self.flow.settle()
 
-    def on_worker_frames(self, frames: list[bytes]) -> None:
+    def on_worker_frames(self, frames: list[bytes], user: str | None = None) -> None:
         """One message from the worker socket: ``[ident, VERSION, route, body]``, or garbage."""
-        self.workers.on_worker_frames(frames)
+        self.workers.on_worker_frames(frames, user)
 
     def tick(self) -> None:
         """Timers: deadlines, liveness of both sides, pings, orphaned queues."""
@@ -253,6 +255,7 @@ class BrokerCore:
             "in_flight": len(state.inflight),
             "clients": len(state.clients),
             "workers": len(state.registry),
+            "auth_failures": self.auth_failures(),
         }
         reply = snapshot(state.registry, state.queues, len(state.inflight), state.counts, extra,
                          state.now, state.now - state.started)

@@ -25,13 +25,15 @@ import logging
 from collections import deque
 
 import zmq
+import zmq.utils.monitor
 
 from tokenhive import transport
+from tokenhive.broker.auth import CLIENTS_DOMAIN, WORKERS_DOMAIN, broker_curve
 from tokenhive.broker.core import BrokerCore
 from tokenhive.broker.sink import FULL, GONE, SENT
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.frames import VERSION_FRAME
-from tokenhive.transport import EVENTS, POLLIN, recv_routed, send_triple
+from tokenhive.transport import EVENTS, POLLIN, recv_routed, recv_routed_user, send_triple
 
 log = logging.getLogger("tokenhive.broker")
 
@@ -45,13 +47,28 @@ class BrokerServer:
         self._own_context = context is None
         self.ctx = context or zmq.Context()
         limit = config.limits.max_message_bytes  # bigger frames: libzmq drops the peer
-        self.frontend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit)
-        self.backend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit)
+        # CURVE (broker/auth.py): ZAP must be running before the sockets bind
+        curve = broker_curve(config)
+        self.authenticator: transport.CurveAuthenticator | None = None
+        self._monitors: list[zmq.Socket[bytes]] = []
+        self._handshake_failures = 0
+        if curve is not None:
+            self.authenticator = transport.CurveAuthenticator(self.ctx, curve.allow)
+            self.authenticator.start()
+        keys = curve.keys if curve is not None else None
+        self.frontend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit,
+                                         curve=keys, zap_domain=CLIENTS_DOMAIN)
+        self.backend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit,
+                                        curve=keys, zap_domain=WORKERS_DOMAIN)
+        if curve is not None:
+            self._monitors = [transport.watch_handshakes(self.frontend, "clients"),
+                              transport.watch_handshakes(self.backend, "workers")]
         # The sockets' C-level methods: half the cost per frame of pyzmq's wrappers, and
         # the hot path receives 4 frames and sends 3 per chunk.
         self._send_client, self._recv_client, self._get_client = transport.raw(self.frontend)
         self._send_worker, self._recv_worker, self._get_worker = transport.raw(self.backend)
         self.core = BrokerCore(config, self)
+        self.core.auth_failures = self._auth_failures
         self._backlog: dict[bytes, deque[bytes]] = {}  # slow clients: bodies not yet sent
         self._overflowed: set[bytes] = set()
         # A backlogged client's pipe is retried every this many new messages, not only on
@@ -70,7 +87,7 @@ class BrokerServer:
 
     async def serve(self, stop: asyncio.Event) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        fds = (self.frontend.FD, self.backend.FD)
+        fds = (self.frontend.FD, self.backend.FD, *(m.FD for m in self._monitors))
         for fd in fds:
             loop.add_reader(fd, self._pump)
         self._tick_handle = loop.call_later(self.tick_interval, self._tick)
@@ -86,8 +103,12 @@ class BrokerServer:
 
     def close(self, linger_ms: int = 200) -> None:
         """Close both sockets, giving farewell messages ``linger_ms`` to leave."""
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for sock in (self.frontend, self.backend):
             sock.close(linger=linger_ms)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         if self._own_context:
             self.ctx.term()
 
@@ -101,7 +122,9 @@ class BrokerServer:
     def _pump(self) -> None:
         self._pump_scheduled = False
         self.core.touch()
-        more = self._drain_workers()
+        if self._monitors:
+            self._drain_monitors()
+        more = self._drain_keyed_workers() if self._monitors else self._drain_workers()
         more = self._drain_clients() or more
         self.core.settle()
         if self._backlog:
@@ -139,6 +162,43 @@ class BrokerServer:
                 core.counts["internal_errors"] += 1
                 log.exception("internal error on a worker message")
         return True
+
+    def _drain_keyed_workers(self) -> bool:
+        """``_drain_workers`` with CURVE: every message carries its sender's public key (the
+        ZAP User-Id), which registration checks; no chunk fast path on this socket."""
+        recv = self._recv_worker
+        core = self.core
+        for _ in range(BATCH):
+            try:
+                frames, user = recv_routed_user(recv)
+            except zmq.Again:
+                return False
+            try:
+                if len(frames) == 4 and frames[1] == VERSION_FRAME and frames[2][:1] == b"c":
+                    core.on_chunk(frames[0], frames[2], frames[3])
+                else:
+                    core.on_worker_frames(frames, user)
+            except Exception:
+                core.counts["internal_errors"] += 1
+                log.exception("internal error on a worker message")
+        return True
+
+    def _drain_monitors(self) -> None:
+        """Count failed handshakes: peers without CURVE, unknown keys, wrong server keys."""
+        for monitor in self._monitors:
+            while True:
+                try:
+                    event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handshake_failures += 1
+                log.warning("handshake refused", extra={
+                    "endpoint": event["endpoint"].decode(errors="replace"),
+                    "event": event["event"].name if hasattr(event["event"], "name")
+                    else str(event["event"])})
+
+    def _auth_failures(self) -> int:
+        return self._handshake_failures
 
     def _drain_clients(self) -> bool:
         recv = self._recv_client

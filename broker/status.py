@@ -41,6 +41,7 @@ COUNTERS = (
     "clients_gone",      # silent past client_liveness or disconnected, with requests pending
     "client_overflows",  # clients cut off because they did not read their streams
     "send_failures",     # broker sends that found the peer gone or full
+    "worker_claims_refused",  # a Ready for a worker id registered to another CURVE key
     "internal_errors",   # exceptions caught by the loop (bugs); the broker keeps serving
 )
 

@@ -28,6 +28,10 @@ class WorkerEvents:
     def __init__(self, state: BrokerState, flow: JobFlow) -> None:
         self.state = state
         self.flow = flow
+        # With CURVE: worker id -> the public key (z85) that first registered it. Only that
+        # key may register the id again; kept for the broker's life (a restarted worker
+        # with the same key takes its place, another key never does).
+        self.owners: dict[str, str] = {}
 
     def on_chunk(self, ident: bytes, route: bytes, body: bytes) -> None:
         """Forward a chunk body unchanged. Not decoded; only counted.
@@ -48,8 +52,9 @@ class WorkerEvents:
         if rc:
             state.client_trouble(job.client, rc)
 
-    def on_worker_frames(self, frames: list[bytes]) -> None:
-        """One message from the worker socket: ``[ident, VERSION, route, body]``, or garbage."""
+    def on_worker_frames(self, frames: list[bytes], user: str | None = None) -> None:
+        """One message from the worker socket: ``[ident, VERSION, route, body]``, or garbage;
+        ``user`` is the sender's CURVE public key when the socket authenticates peers."""
         state = self.state
         state.touch()
         ident = frames[0]
@@ -67,7 +72,7 @@ class WorkerEvents:
             route, body = frames[2], frames[3]
             tag = route[:1]
             if not route:
-                self._on_control(ident, body)
+                self._on_control(ident, body, user)
             elif tag == ROUTE_CHUNK and len(route) > 1:
                 self.on_chunk(ident, route, body)
             elif tag == ROUTE_END and len(route) > 1:
@@ -77,7 +82,7 @@ class WorkerEvents:
                              f"unknown route frame {route[:16]!r}")
         self.flow.settle()
 
-    def _on_control(self, ident: bytes, body: bytes) -> None:
+    def _on_control(self, ident: bytes, body: bytes, user: str | None = None) -> None:
         try:
             msg = worker_msg_decoder.decode(body)
         except msgspec.DecodeError as exc:
@@ -85,22 +90,32 @@ class WorkerEvents:
                          f"undecodable worker message: {wire.short(exc)}")
             return
         if isinstance(msg, Ready):
-            self.on_ready(ident, msg)
+            self.on_ready(ident, msg, user)
         elif isinstance(msg, Heartbeat):
             self.on_heartbeat(ident, msg)
         else:
             self.on_goodbye(ident, msg)
 
-    def on_ready(self, ident: bytes, ready: Ready) -> None:
+    def on_ready(self, ident: bytes, ready: Ready, user: str | None = None) -> None:
+        cap = self.state.cfg.limits.max_worker_slots
         problem = (
             "worker name must not be empty" if not ready.worker
             else "model must not be empty" if not ready.model
             else f"slots must be >= 1, got {ready.slots}" if ready.slots < 1
+            else f"slots {ready.slots} over limits.max_worker_slots {cap}" if ready.slots > cap
             else None
         )
         if problem is not None:
             self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST, f"bad Ready: {problem}")
             return
+        if user is not None:
+            owner = self.owners.setdefault(ready.worker, user)
+            if owner != user:  # another key claims a registered id: it may not evict it
+                log.warning("worker id claimed with another key", extra={
+                    "worker": ready.worker, "key": user[:8]})
+                self._reject(ident, "worker_claims_refused", ErrorCode.INVALID_REQUEST,
+                             f"worker id {ready.worker!r} is registered to another key")
+                return
         state, registry = self.state, self.state.registry
         previous = registry.get(ident)
         if previous is not None and not previous.active and not previous.cancelling:

@@ -25,6 +25,7 @@ from tokenhive.clients.stream import Stream
 from tokenhive.schemas.config import DEFAULT_CLIENTS
 from tokenhive.schemas.errors import InvalidRequest
 from tokenhive.schemas.messages import Kind, MarkModelFailed, Priority, Request, StatusReply
+from tokenhive.transport import CurveKeys
 
 
 class AsyncClient:
@@ -54,6 +55,7 @@ class AsyncClient:
         broker_timeout: float = 5.0,
         context: zmq.asyncio.Context | None = None,
         profile: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.model = model
         self.profile = profile
@@ -63,7 +65,7 @@ class AsyncClient:
         self.priority = priority
         self._conn = Connection(
             address, heartbeat_interval=heartbeat_interval, broker_timeout=broker_timeout,
-            context=context,
+            context=context, curve=curve,
         )
 
     @property

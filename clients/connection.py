@@ -59,6 +59,7 @@ class Connection:
         broker_timeout: float = 5.0,
         context: zmq.asyncio.Context | None = None,
         max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES,
+        curve: transport.CurveKeys | None = None,
     ) -> None:
         if heartbeat_interval <= 0 or broker_timeout <= 0:
             raise InvalidRequest("heartbeat_interval and broker_timeout must be > 0")
@@ -66,6 +67,7 @@ class Connection:
         self.heartbeat_interval = heartbeat_interval
         self.broker_timeout = broker_timeout
         self.max_message_bytes = max_message_bytes
+        self.curve = curve  # CurveZMQ to a keyed broker; None: a plain socket
         self.stats = ConnectionStats()
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
@@ -172,7 +174,8 @@ class Connection:
         self._loop = loop
         if self._socket is not None:
             return self._socket
-        sock = transport.dealer(self._context, hwm=HWM, max_message_bytes=self.max_message_bytes)
+        sock = transport.dealer(self._context, hwm=HWM, max_message_bytes=self.max_message_bytes,
+                                curve=self.curve)
         self._generation += 1
         monitor = sock.get_monitor_socket(
             zmq.EVENT_DISCONNECTED, f"inproc://tokenhive-client-{id(self)}-{self._generation}"

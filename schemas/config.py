@@ -66,6 +66,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     # Bytes of one ZeroMQ message, on every socket (ZMQ_MAXMSGSIZE): libzmq drops a larger
     # one before buffering it. Applies to client and worker traffic alike.
     max_message_bytes: int = 16 * MiB
+    # A worker's self-reported slots (Ready.slots): more is refused (Rejected, naming it).
+    max_worker_slots: int = 1024
 
 
 class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,6 +99,15 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cooldown_failures: int = 3
     cooldown_window: float = 60.0
     cooldown_s: float = 30.0
+    # CurveZMQ on both sockets (tokenhive.transport): FILES, never key material. The broker's
+    # key pair (a *.key_secret file), and the directories of allowed public *.key files:
+    # curve_allow for both sides, or one per side (which then wins for that side).
+    curve_secret_key: str = ""
+    curve_allow: str = ""
+    curve_allow_workers: str = ""
+    curve_allow_clients: str = ""
+    # bind a non-loopback tcp address without CURVE (anyone on the network may connect)
+    insecure: bool = False
 
 
 class WorkerSpec(msgspec.Struct, tag_field="backend", forbid_unknown_fields=True, kw_only=True):
@@ -236,6 +247,9 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_liveness: int = 3  # missed broker pings before reconnecting
     reconnect_max: float = 5.0  # backoff ceiling, seconds
     drain_timeout: float = 30.0  # SIGTERM: wait this long for in-flight work
+    # CurveZMQ to a keyed broker: our *.key_secret file and the broker's public *.key file
+    curve_secret_key: str = ""
+    curve_server_key: str = ""
 
 
 class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -2,7 +2,9 @@
 
 One place for how sockets are made and how messages cross them; the wire protocol (frames,
 codecs) lives in ``tokenhive.schemas.frames`` and knows nothing of sockets. Authentication,
-when it comes, is added to ``router`` / ``dealer`` here once.
+is added here once: a ``CurveKeys`` value given to ``router`` / ``dealer`` turns CurveZMQ on
+(encryption plus the peer's long-term key checked against an allow-list by ZAP, see
+``CurveAuthenticator``); without one the socket stays plain (ipc, loopback).
 
 Sockets (``router`` for the broker's two sides, ``dealer`` for workers and clients), every
 option set before bind/connect because most apply only to pipes created afterwards:
@@ -41,14 +43,19 @@ take those bound methods and plain-int flags:
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
 import os
 import socket
 import stat
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 DEFAULT_HWM = 100_000  # messages
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest inbound frame
@@ -66,6 +73,86 @@ POLLOUT = int(zmq.POLLOUT)
 
 _Socket = TypeVar("_Socket", bound=zmq.Socket[Any])
 _Backend = zmq.backend.Socket
+
+
+# -- CurveZMQ -------------------------------------------------------------------------------
+
+
+class CurveKeys(NamedTuple):
+    """One peer's CURVE key pair (z85 bytes), plus, on a connecting peer, the public key of
+    the server it expects (a connection to any other server fails its handshake)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes | None = None
+
+
+class CurveKeyError(ValueError):
+    """A key file that is missing, unreadable or holds no key of the kind asked for."""
+
+
+def _read_key_file(path: str | os.PathLike[str], *, need_secret: bool) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(os.fspath(path))
+    except (OSError, ValueError) as exc:
+        raise CurveKeyError(f"cannot read CURVE key file {os.fspath(path)!r}: {exc}") from None
+    if need_secret and not secret:
+        raise CurveKeyError(f"{os.fspath(path)!r} holds no secret key (give the "
+                            "*.key_secret file)")
+    return public, secret or b""
+
+
+def load_curve_keys(secret_file: str | os.PathLike[str],
+                    server_key_file: str | os.PathLike[str] | None = None) -> CurveKeys:
+    """Our key pair from ``secret_file`` (a ``*.key_secret`` as ``create_certificates``
+    writes it) and, for a client or worker, the broker's public key from ``server_key_file``."""
+    public, secret = _read_key_file(secret_file, need_secret=True)
+    server = None
+    if server_key_file is not None:
+        server, _ = _read_key_file(server_key_file, need_secret=False)
+    return CurveKeys(public, secret, server)
+
+
+class CurveAuthenticator(ThreadAuthenticator):
+    """ZAP in a background thread: one allow-list directory of public ``*.key`` files per
+    ZAP domain (the broker's worker and client sockets each name theirs). A peer that
+    passes gets its public key (z85) as the User-Id of every message it sends, which the
+    broker reads to bind a worker id to the key that registered it (refusals are counted
+    from the sockets' handshake events, ``watch_handshakes``)."""
+
+    def __init__(self, context: zmq.Context[Any], allow: Mapping[str, str]) -> None:
+        super().__init__(context, log=logging.getLogger("tokenhive.auth"))
+        self._allow = dict(allow)
+
+    def start(self) -> None:
+        for domain, directory in self._allow.items():
+            if not Path(directory).is_dir():
+                raise CurveKeyError(f"CURVE allow-list {directory!r} is not a directory")
+            self.configure_curve(domain=domain, location=directory)
+        super().start()
+
+
+def watch_handshakes(sock: zmq.Socket[Any], name: str) -> zmq.Socket[Any]:
+    """A monitor (PAIR) socket for ``sock``'s failed handshakes: a peer without CURVE, with
+    the wrong server key or an unknown key fails there before any message reaches us."""
+    events = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    return sock.get_monitor_socket(events, f"inproc://tokenhive-handshakes-{name}-{id(sock)}")
+
+
+def _curve_server(sock: zmq.Socket[Any], keys: CurveKeys, zap_domain: str) -> None:
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.setsockopt(zmq.ZAP_DOMAIN, zap_domain.encode())
+
+
+def _curve_client(sock: zmq.Socket[Any], keys: CurveKeys) -> None:
+    if keys.server_public is None:
+        raise CurveKeyError("a connecting CURVE peer needs the server's public key")
+    sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
 # -- sockets -------------------------------------------------------------------------------
@@ -90,13 +177,21 @@ def router(
     hwm: int = DEFAULT_HWM,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     linger_ms: int = 0,
+    curve: CurveKeys | None = None,
+    zap_domain: str = "",
 ) -> _Socket:
-    """A ROUTER that never drops silently (MANDATORY) and lets reconnecting peers in."""
+    """A ROUTER that never drops silently (MANDATORY) and lets reconnecting peers in.
+
+    With ``curve`` it is a CURVE server checked by ZAP in ``zap_domain``, and without
+    ROUTER_HANDOVER: a peer-chosen identity proves nothing, so a newcomer must not take an
+    existing peer's place (CURVE peers let the ROUTER pick their identity instead)."""
     sock = ctx.socket(zmq.ROUTER)
     try:
         _common(sock, hwm, max_message_bytes, linger_ms)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if curve else 1)
+        if curve is not None:
+            _curve_server(sock, curve, zap_domain)
     except BaseException:
         sock.close(linger=0)  # a leaked socket would hang Context.term()
         raise
@@ -113,11 +208,15 @@ def dealer(
     immediate: bool = False,
     reconnect_ivl_ms: int | None = None,
     reconnect_ivl_max_ms: int | None = None,
+    curve: CurveKeys | None = None,
 ) -> _Socket:
-    """A DEALER with the shared options, plus the identity and reconnect policy asked for."""
+    """A DEALER with the shared options, plus the identity and reconnect policy asked for;
+    a CURVE client of ``curve.server_public`` when ``curve`` is given."""
     sock = ctx.socket(zmq.DEALER)
     try:
         _common(sock, hwm, max_message_bytes, linger_ms)
+        if curve is not None:
+            _curve_client(sock, curve)
         if routing_id is not None:
             sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if immediate:
@@ -130,6 +229,21 @@ def dealer(
         sock.close(linger=0)
         raise
     return sock
+
+
+def is_loopback(address: str) -> bool:
+    """Whether binding ``address`` reaches only this host: ipc/inproc, or tcp on a loopback
+    host. Anything else (0.0.0.0, an interface, a public address) is reachable by others."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bindable(address: str) -> str:
@@ -237,6 +351,22 @@ def recv_message(recv: Callable[..., Any]) -> list[bytes]:
         frame = recv(NOBLOCK, copy=False)  # the rest of the message is already here
         frames.append(frame.bytes)
     return frames
+
+
+def recv_routed_user(recv: Callable[..., Any]) -> tuple[list[bytes], str | None]:
+    """``recv_routed`` plus the sender's ZAP User-Id (its CURVE public key, z85), or None
+    on a socket without authentication."""
+    frames = [recv(NOBLOCK)]
+    frame = recv(NOBLOCK, copy=False)
+    try:
+        user: str | None = frame.get("User-Id")
+    except zmq.ZMQError:
+        user = None
+    frames.append(frame.bytes)
+    while frame.more:
+        frame = recv(NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames, user
 
 
 def recv_routed(recv: Callable[..., Any]) -> list[bytes]:

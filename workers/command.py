@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from tokenhive import transport
 from tokenhive.cli_options import parse_option, parse_spec_json
 from tokenhive.logs import configure_logging
 from tokenhive.schemas.config import (
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconnect-max", type=float, help="reconnect backoff ceiling, seconds")
     parser.add_argument("--drain-timeout", type=float,
                         help="on SIGTERM, seconds to let in-flight work finish")
+    parser.add_argument("--curve-secret-key", metavar="FILE",
+                        help="our CURVE key pair (a *.key_secret file) for a keyed broker")
+    parser.add_argument("--curve-server-key", metavar="FILE",
+                        help="the broker's public CURVE key (a *.key file)")
     parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="any other spec field of the backend (repeatable)")
     parser.add_argument("--spec-json",
@@ -103,13 +108,20 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
     """The WorkerConfig a command line describes; ConfigError / ValidationError if none."""
     raw: dict[str, Any] = {"spec": build_spec(args)}
     for flag in ("broker", "heartbeat_interval", "heartbeat_liveness", "reconnect_max",
-                 "drain_timeout"):
+                 "drain_timeout", "curve_secret_key", "curve_server_key"):
         value = getattr(args, flag)
         if value is not None:
             raw[flag] = value
     config = msgspec.convert(raw, type=WorkerConfig)
     if not re.fullmatch(r"(tcp|ipc|inproc|ws|wss)://.+", config.broker):
         raise ConfigError(f"--broker {config.broker!r}: expected tcp://HOST:PORT or ipc://PATH")
+    if bool(config.curve_secret_key) != bool(config.curve_server_key):
+        raise ConfigError("--curve-secret-key and --curve-server-key go together")
+    if config.curve_secret_key:
+        try:
+            transport.load_curve_keys(config.curve_secret_key, config.curve_server_key)
+        except transport.CurveKeyError as exc:
+            raise ConfigError(str(exc)) from None
     problems = [
         name for name, bad in (
             ("slots", config.spec.slots < 1),

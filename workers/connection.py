@@ -69,9 +69,10 @@ def control(msg: WorkerMsg) -> list[bytes]:
 class BrokerConnection:
     def __init__(self, address: str, owner: ConnectionOwner, *, interval: float,
                  liveness: int, reconnect_max: float,
-                 max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES,
+                 curve: transport.CurveKeys | None = None) -> None:
         self.link = BrokerLink(address, owner.worker_id.encode(), self._on_frames,
-                               max_message_bytes=max_message_bytes)
+                               max_message_bytes=max_message_bytes, curve=curve)
         self.owner = owner
         self.interval = interval
         self.silence_limit = interval * liveness

@@ -64,9 +64,13 @@ class LinkDown(Exception):
 class BrokerLink:
     def __init__(self, address: str, identity: bytes,
                  on_message: Callable[[list[bytes]], None], hwm: int = HWM,
-                 max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES,
+                 curve: transport.CurveKeys | None = None) -> None:
         self.address = address
         self.identity = identity
+        # With CURVE the broker's ROUTER picks our identity (no handover: a chosen one
+        # proves nothing there); the worker id travels in Ready, bound to our key.
+        self.curve = curve
         self.on_message = on_message
         self.hwm = hwm
         self.max_message_bytes = max_message_bytes
@@ -88,8 +92,9 @@ class BrokerLink:
             raise RuntimeError("link already open")
         sock = transport.dealer(
             self.ctx, hwm=self.hwm, max_message_bytes=self.max_message_bytes,
-            routing_id=self.identity, immediate=True, reconnect_ivl_ms=RECONNECT_IVL_MS,
-            reconnect_ivl_max_ms=RECONNECT_IVL_MAX_MS)
+            routing_id=None if self.curve else self.identity, immediate=True,
+            reconnect_ivl_ms=RECONNECT_IVL_MS, reconnect_ivl_max_ms=RECONNECT_IVL_MAX_MS,
+            curve=self.curve)
         transport.connect(sock, self.address)
         self._sock = sock
         self._raw = transport.raw(sock)

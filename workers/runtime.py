@@ -43,6 +43,7 @@ import signal
 import time
 from pathlib import Path
 
+from tokenhive import transport
 from tokenhive.schemas.config import (
     AnthropicSpec,
     AnyWorkerSpec,
@@ -92,9 +93,11 @@ class WorkerRuntime:
         self.kind = backend_kind(self.spec)
         # Built in _load when None, so that a backend failing to build is a load failure.
         self.backend: Backend | None = backend
+        curve = (transport.load_curve_keys(config.curve_secret_key, config.curve_server_key)
+                 if config.curve_secret_key else None)
         self.conn = BrokerConnection(
             config.broker, self, interval=config.heartbeat_interval,
-            liveness=config.heartbeat_liveness, reconnect_max=config.reconnect_max,
+            liveness=config.heartbeat_liveness, reconnect_max=config.reconnect_max, curve=curve,
         )
         self.link = self.conn.link
         self.health = HealthTracker(self.spec.degraded_after_errors)

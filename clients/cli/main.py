@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "batch": ("tokenhive.clients.cli.batch", "run an OpenAI Batch API JSONL file"),
     "serve": ("tokenhive.clients.http.command", "serve the OpenAI-compatible HTTP API"),
     "sidecar": ("tokenhive.clients.sidecar.command", "the llmkit stdio JSON-RPC sidecar"),
+    "keys": ("tokenhive.clients.cli.keys", "generate CurveZMQ key pairs for tcp links"),
 }
 
 
