@@ -41,6 +41,8 @@ class AsyncClient:
     ``profile`` names a ``[profiles.NAME]`` of the broker config: its model (when none is
     given), sampling defaults, system prompt, priority and budgets apply to every request;
     ``for_agent(name)`` is the same client under another profile, on the same connection.
+    ``curve`` (``tokenhive.transport.load_curve_keys(secret_file, broker_public_file)``)
+    encrypts and authenticates the link to a broker run with CURVE keys.
     """
 
     def __init__(

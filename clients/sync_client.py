@@ -16,6 +16,7 @@ from tokenhive.clients.retry import RetryPolicy
 from tokenhive.clients.stream import Stream
 from tokenhive.schemas.config import DEFAULT_CLIENTS
 from tokenhive.schemas.messages import Chunk, Priority, Request, StatusReply
+from tokenhive.transport import CurveKeys
 
 
 class SyncStream:
@@ -82,12 +83,13 @@ class Client:
         heartbeat_interval: float = 1.0,
         broker_timeout: float = 5.0,
         profile: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self._runner = LoopThread()
         self._client = AsyncClient(
             address, model=model, timeout=timeout, retry=retry, priority=priority,
             heartbeat_interval=heartbeat_interval, broker_timeout=broker_timeout,
-            profile=profile,
+            profile=profile, curve=curve,
         )
         self._closed = False
         self._is_view = False  # a for_agent view: closing it leaves the loop and socket

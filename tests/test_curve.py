@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from tokenhive.clients import AsyncClient
+from tokenhive.clients import AsyncClient, Client
 from tokenhive.schemas.errors import BrokerUnavailable
 from tokenhive.schemas.messages import StatusReply
 from tokenhive.transport import CurveKeys, load_curve_keys
@@ -124,6 +124,9 @@ def test_keyed_worker_and_client_work_end_to_end(tmp_path: Path, keys: Keys,
                 result = await client.chat("hello over curve", max_tokens=8, timeout=20)
                 assert result.text == "hello over curve"
         run(scenario())
+        with Client(broker.clients, model="echo", curve=keys.client(), timeout=20) as sync:
+            assert sync.chat("and from the sync client", max_tokens=8).text == (
+                "and from the sync client")
     finally:
         worker.stop()
 
