@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
@@ -42,6 +42,51 @@ Finished = Callable[[str, Usage | None, float | None], None]
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class CoalescingWriter:
+    """Sends frames from a task of its own, every frame waiting at that moment in one
+    message: chunks that arrived together from the broker (or piled up while the client
+    was slow to read) go out in one write instead of one each. The producer never waits
+    on the client; the frames of one stream are bounded by its max_tokens."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.pending: list[bytes] = []
+        self.wake = asyncio.Event()
+        self.closing = False
+        self.task = asyncio.ensure_future(self._run())
+
+    def write(self, frame: bytes) -> None:
+        self.pending.append(frame)
+        self.wake.set()
+
+    async def close(self, last: bytes) -> None:
+        """Send ``last`` after everything pending as the final message; wait until sent."""
+        self.pending.append(last)
+        self.closing = True
+        self.wake.set()
+        try:
+            await self.task
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        pending = self.pending
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            closing = self.closing  # read before sending: a close while we send is next turn
+            body = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            await self.send({"type": "http.response.body", "body": body,
+                             "more_body": not closing})
+            if closing:
+                return
 
 
 class SseResponse:
@@ -90,7 +135,7 @@ class SseResponse:
             watcher.cancel()
             await self._cleanup()
 
-    async def _send_body(self, send: Callable[[dict[str, object]], Awaitable[None]]) -> None:
+    async def _send_body(self, send: Send) -> None:
         framer, stream, first = self.framer, self.stream, self.first
         metrics = self.ctx.metrics
         opening = framer.start()
@@ -104,6 +149,7 @@ class SseResponse:
         gaps = self.gaps
         frame = self._frame
         monotonic = time.monotonic
+        writer = CoalescingWriter(send)
         last = monotonic()
         try:
             if first is not None:
@@ -111,20 +157,19 @@ class SseResponse:
                     now = monotonic()
                     gaps.append(now - last)
                     last = now
-                    await send({"type": "http.response.body", "body": frame(chunk),
-                                "more_body": True})
+                    writer.write(frame(chunk))
             result = stream.result
         except TokenHiveError as exc:
             self.outcome = exc.code.value
-            await send({"type": "http.response.body", "body": stream_error_event(exc),
-                        "more_body": False})
+            await writer.close(stream_error_event(exc))
             return
+        except BaseException:
+            writer.abandon()
+            raise
         self.outcome = "ok"
         self.usage = result.usage
         self.queue_ms = result.timings.queue_ms
-        await send({"type": "http.response.body",
-                    "body": framer.finish(result.finish_reason, result.usage),
-                    "more_body": False})
+        await writer.close(framer.finish(result.finish_reason, result.usage))
 
     def _frame(self, chunk: Chunk) -> bytes:
         if not chunk.tool_calls:
