@@ -354,18 +354,25 @@ def recv_message(recv: Callable[..., Any]) -> list[bytes]:
 
 
 def recv_routed_user(recv: Callable[..., Any]) -> tuple[list[bytes], str | None]:
-    """``recv_routed`` plus the sender's ZAP User-Id (its CURVE public key, z85), or None
-    on a socket without authentication."""
+    """``recv_routed`` plus, for a control message (``[ident, version, b"", body]``: the empty
+    route frame), the sender's ZAP User-Id (its CURVE public key, z85); None for other
+    messages (asking costs a libzmq call per message) or on a socket without ZAP."""
     frames = [recv(NOBLOCK)]
     frame = recv(NOBLOCK, copy=False)
-    try:
-        user: str | None = frame.get("User-Id")
-    except zmq.ZMQError:
-        user = None
     frames.append(frame.bytes)
+    control: Any = None
     while frame.more:
         frame = recv(NOBLOCK, copy=False)
-        frames.append(frame.bytes)
+        data = frame.bytes
+        if len(frames) == 2 and not data:
+            control = frame
+        frames.append(data)
+    user: str | None = None
+    if control is not None:
+        try:
+            user = control.get("User-Id")
+        except zmq.ZMQError:
+            user = None
     return frames, user
 
 
