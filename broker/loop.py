@@ -55,14 +55,19 @@ class BrokerServer:
         if curve is not None:
             self.authenticator = transport.CurveAuthenticator(self.ctx, curve.allow)
             self.authenticator.start()
-        keys = curve.keys if curve is not None else None
+        keyed = curve.allow if curve is not None else {}
+        client_keys = curve.keys if curve is not None and CLIENTS_DOMAIN in keyed else None
+        worker_keys = curve.keys if curve is not None and WORKERS_DOMAIN in keyed else None
         self.frontend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit,
-                                         curve=keys, zap_domain=CLIENTS_DOMAIN)
+                                         curve=client_keys, zap_domain=CLIENTS_DOMAIN)
         self.backend = transport.router(self.ctx, hwm=config.hwm, max_message_bytes=limit,
-                                        curve=keys, zap_domain=WORKERS_DOMAIN)
-        if curve is not None:
-            self._monitors = [transport.watch_handshakes(self.frontend, "clients"),
-                              transport.watch_handshakes(self.backend, "workers")]
+                                        curve=worker_keys, zap_domain=WORKERS_DOMAIN)
+        if client_keys is not None:
+            self._monitors.append(transport.watch_handshakes(self.frontend, "clients"))
+        if worker_keys is not None:
+            self._monitors.append(transport.watch_handshakes(self.backend, "workers"))
+        # keyed workers: read each Ready's sender key (the User-Id ZAP gave it)
+        self._keyed_workers = worker_keys is not None
         # The sockets' C-level methods: half the cost per frame of pyzmq's wrappers, and
         # the hot path receives 4 frames and sends 3 per chunk.
         self._send_client, self._recv_client, self._get_client = transport.raw(self.frontend)
@@ -124,7 +129,7 @@ class BrokerServer:
         self.core.touch()
         if self._monitors:
             self._drain_monitors()
-        more = self._drain_keyed_workers() if self._monitors else self._drain_workers()
+        more = self._drain_keyed_workers() if self._keyed_workers else self._drain_workers()
         more = self._drain_clients() or more
         self.core.settle()
         if self._backlog:

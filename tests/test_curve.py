@@ -243,3 +243,36 @@ def test_worker_slots_over_the_cap_are_rejected(tmp_path: Path) -> None:
                 time.sleep(0.05)  # polling its log, not synchronisation
         finally:
             worker.stop()
+
+
+@pytest.mark.timeout(90)
+def test_keyed_client_side_with_plain_ipc_workers(tmp_path: Path, keys: Keys) -> None:
+    """--curve-allow-clients alone keys the client side only: local workers stay on ipc (how
+    a pool serves remote clients), and a non-loopback side left unkeyed is still refused."""
+    exposed = subprocess.run(
+        [sys.executable, "-m", "tokenhive.broker", "--clients", "tcp://127.0.0.1:0",
+         "--workers", "tcp://0.0.0.0:0", "--curve-secret-key", keys.secret("broker"),
+         "--curve-allow-clients", str(keys.allow)],
+        capture_output=True, text=True, timeout=30)
+    assert exposed.returncode == 2 and "refusing to bind tcp://0.0.0.0:0" in exposed.stderr
+    with start_broker(tmp_path, clients="tcp://0.0.0.0:0", heartbeat_interval=0.2,
+                      curve_secret_key=keys.secret("broker"),
+                      curve_allow_clients=str(keys.allow)) as proc:
+        assert proc.workers.startswith("ipc://")
+        worker = start_worker(proc.workers, tmp_path, worker_id="local")
+        try:
+            port = proc.clients.rpartition(":")[2]
+            address = f"tcp://127.0.0.1:{port}"
+
+            async def scenario() -> None:
+                async with AsyncClient(address, model="echo", curve=keys.client()) as client:
+                    await wait_status(client, lambda s: worker_ids(s) == ["local"])
+                    assert (await client.chat("keyed client", max_tokens=8, timeout=20)).text \
+                        == "keyed client"
+                    async with AsyncClient(address, model="echo") as unkeyed:
+                        with pytest.raises(BrokerUnavailable):
+                            await unkeyed.status(timeout=1.5)
+                    await wait_status(client, lambda s: s.counters["auth_failures"] >= 1)
+            run(scenario())
+        finally:
+            worker.stop()
