@@ -61,8 +61,7 @@ async def handle(ctx: ServeContext, http: HttpRequest, kind: Kind) -> Response |
                                 f"{result.worker!r} sent {len(result.embeddings or [])}")
         metrics.finished(endpoint, model, "ok", time.monotonic() - started, result.usage,
                          result.timings.queue_ms)
-        metrics.ttft.labels(metrics.model_label(model)).observe(
-            (result.timings.queue_ms + result.timings.ttft_ms) / 1000.0)
+        metrics.observe_ttft(model, (result.timings.queue_ms + result.timings.ttft_ms) / 1000.0)
         return json_response(response_body(kind, result, model,
                                            encoding_format=parsed.encoding_format))
     except TokenHiveError as exc:

@@ -11,11 +11,18 @@ counted as ``_unknown``; a client cannot grow the label set without bound.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from tokenhive.schemas.messages import Health, StatusReply, Usage
 
@@ -69,6 +76,44 @@ class PoolCollector(Collector):
         yield events
 
 
+class BulkHistogram(Collector):
+    """A histogram with one label, fed a whole list of observations at once: a stream's
+    inter-token gaps, after it ended. prometheus_client's observe takes locks and walks
+    the buckets once per value, which is a cost per token; this is a bisect and an add, on
+    the event loop's thread (the only one that observes or renders)."""
+
+    def __init__(self, name: str, documentation: str, label: str,
+                 buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = sorted(buckets)
+        self.series: dict[str, tuple[list[int], list[float]]] = {}  # label: (counts, [sum])
+
+    def observe_many(self, label: str, values: Sequence[float]) -> None:
+        series = self.series.get(label)
+        if series is None:
+            series = self.series[label] = ([0] * (len(self.bounds) + 1), [0.0])
+        counts, total = series
+        bounds = self.bounds
+        running = total[0]
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # le: the first bound >= value
+            running += value  # one by one, as observe() adds: the same float sum
+        total[0] = running
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        edges = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        for label, (counts, total) in sorted(self.series.items()):
+            cumulative, buckets = 0, []
+            for edge, count in zip(edges, counts, strict=True):
+                cumulative += count
+                buckets.append((edge, float(cumulative)))
+            family.add_metric([label], buckets, total[0])
+        yield family
+
+
 class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -78,8 +123,9 @@ class ServeMetrics:
                                 registry=r)
         self.ttft = Histogram("tokenhive_http_ttft_seconds", "arrival to first token",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.gap = Histogram("tokenhive_http_inter_token_seconds", "between streamed chunks",
-                             ["model"], buckets=GAP_BUCKETS, registry=r)
+        self.gap = BulkHistogram("tokenhive_http_inter_token_seconds",
+                                 "between streamed chunks", "model", GAP_BUCKETS)
+        r.register(self.gap)
         self.latency = Histogram("tokenhive_http_request_seconds", "arrival to last byte",
                                  ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("tokenhive_http_queue_wait_seconds", "time queued in the "
@@ -94,6 +140,19 @@ class ServeMetrics:
         self.pool = PoolCollector()
         r.register(self.pool)
         self._models: set[str] = set()
+        # Labelled children, looked up once: labels() takes a lock and builds a tuple each
+        # call. Bounded like the labels: endpoints x capped models x error codes.
+        self._request_kids: dict[tuple[str, str, str], Counter] = {}
+        self._latency_kids: dict[tuple[str, str], Histogram] = {}
+        self._model_kids: dict[str, tuple[Histogram, Counter, Counter]] = {}
+        self._ttft_kids: dict[str, Histogram] = {}
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        label = self.model_label(model)
+        kid = self._ttft_kids.get(label)
+        if kid is None:
+            kid = self._ttft_kids[label] = self.ttft.labels(label)
+        kid.observe(seconds)
 
     def model_label(self, model: str) -> str:
         if not model:
@@ -108,13 +167,28 @@ class ServeMetrics:
     def finished(self, endpoint: str, model: str, outcome: str, seconds: float,
                  usage: Usage | None = None, queue_ms: float | None = None) -> None:
         label = UNKNOWN_MODEL if outcome == "unknown_model" else self.model_label(model)
-        self.requests.labels(endpoint, label, outcome).inc()
-        self.latency.labels(endpoint, label).observe(seconds)
+        requests = self._request_kids.get((endpoint, label, outcome))
+        if requests is None:
+            requests = self._request_kids[endpoint, label, outcome] = self.requests.labels(
+                endpoint, label, outcome)
+        requests.inc()
+        latency = self._latency_kids.get((endpoint, label))
+        if latency is None:
+            latency = self._latency_kids[endpoint, label] = self.latency.labels(endpoint, label)
+        latency.observe(seconds)
+        if queue_ms is None and usage is None:
+            return
+        kids = self._model_kids.get(label)
+        if kids is None:
+            kids = self._model_kids[label] = (self.queue.labels(label),
+                                              self.tokens_in.labels(label),
+                                              self.tokens_out.labels(label))
+        queue, tokens_in, tokens_out = kids
         if queue_ms is not None:
-            self.queue.labels(label).observe(queue_ms / 1000.0)
+            queue.observe(queue_ms / 1000.0)
         if usage is not None:
-            self.tokens_in.labels(label).inc(usage.prompt_tokens)
-            self.tokens_out.labels(label).inc(usage.completion_tokens)
+            tokens_in.inc(usage.prompt_tokens)
+            tokens_out.inc(usage.completion_tokens)
 
     def render(self, status: StatusReply | None) -> bytes:
         self.pool.status = status

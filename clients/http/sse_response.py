@@ -140,8 +140,7 @@ class SseResponse:
         metrics = self.ctx.metrics
         opening = framer.start()
         if first is not None:
-            metrics.ttft.labels(metrics.model_label(self.parsed.request.model)).observe(
-                time.monotonic() - self.started)
+            metrics.observe_ttft(self.parsed.request.model, time.monotonic() - self.started)
             opening += self._frame(first)
         await send(START)
         if opening:
@@ -181,8 +180,6 @@ class SseResponse:
         await self.stream.aclose()  # a no-op when finished; else the broker gets a Cancel
         metrics = self.ctx.metrics
         if self.gaps:
-            gap = metrics.gap.labels(metrics.model_label(self.parsed.request.model))
-            for seconds in self.gaps:
-                gap.observe(seconds)
+            metrics.gap.observe_many(metrics.model_label(self.parsed.request.model), self.gaps)
         self.finished(self.outcome, self.usage, self.queue_ms)
         metrics.in_flight.dec()
