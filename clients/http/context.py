@@ -45,15 +45,30 @@ async def _disconnected(receive: Receive) -> None:
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> tuple[bool, T | None]:
     """Run ``work`` (after the request body was read) unless the HTTP client goes away first:
     then ``work`` is cancelled (a Call sends the broker a Cancel) and ``(False, None)`` is
-    returned. Otherwise ``(True, result)``; ``work``'s exception propagates."""
-    task = asyncio.ensure_future(work)
+    returned. Otherwise ``(True, result)``; ``work``'s exception propagates.
+
+    ``work`` runs in the calling task and one watcher task cancels it if the disconnect
+    comes first (one task per request instead of two: this is every request's path)."""
+    caller = asyncio.current_task()
+    assert caller is not None
+    state = {"ended": False, "gone": False}
+
+    def on_watcher_done(watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None or state["ended"]:
+            return
+        state["gone"] = True
+        caller.cancel()
+
     watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher.add_done_callback(on_watcher_done)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
+        result = await work
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        caller.uncancel()  # the client left: ours, not a cancellation from above
         return False, None
-    return True, task.result()
+    finally:
+        state["ended"] = True
+        watcher.cancel()
+    return True, result
