@@ -127,6 +127,20 @@ def test_keyed_worker_and_client_work_end_to_end(tmp_path: Path, keys: Keys,
         with Client(broker.clients, model="echo", curve=keys.client(), timeout=20) as sync:
             assert sync.chat("and from the sync client", max_tokens=8).text == (
                 "and from the sync client")
+        # the CLI names the key files
+        chat = subprocess.run(
+            [*CLI, "chat", "--broker", broker.clients, "--model", "echo", "--timeout", "20",
+             *keys.flags("client"), "from the command line"],
+            capture_output=True, text=True, timeout=60)
+        assert chat.returncode == 0 and "from the command line" in chat.stdout, chat.stderr
+        status = subprocess.run([*CLI, "status", "--broker", broker.clients, "--json",
+                                 *keys.flags("client")], capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0 and '"w1"' in status.stdout, status.stderr
+        refused = subprocess.run([*CLI, "status", "--broker", broker.clients, "--timeout", "1",
+                                  *keys.flags("client", server="rogue")],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "broker_unavailable" in refused.stderr
     finally:
         worker.stop()
 

@@ -101,7 +101,7 @@ async def _main(args: argparse.Namespace, output: OutputFile) -> int:
     try:
         async with open_target(args) as target:
             async with AsyncClient(target.address, broker_timeout=args.broker_timeout,
-                                   retry=NO_RETRY) as client:
+                                   retry=NO_RETRY, curve=target.curve) as client:
                 model_for = await _model_chooser(client, args, target)
                 engine = BatchEngine(client, output, concurrency=args.concurrency,
                                      retry=RetryPolicy(max_attempts=args.max_attempts))

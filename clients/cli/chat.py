@@ -58,7 +58,8 @@ async def _main(args: argparse.Namespace, prompt: str) -> int:
     command = "chat" if args.chat else "generate"
     try:
         async with open_target(args) as target:
-            async with AsyncClient(target.address, broker_timeout=args.broker_timeout) as client:
+            async with AsyncClient(target.address, broker_timeout=args.broker_timeout,
+                                   curve=target.curve) as client:
                 model = await resolve_model(client, args.pool_model, target)
                 result = await _generate(client, args, prompt, model)
     except ConfigError as exc:

@@ -16,7 +16,8 @@ import msgspec
 
 from tokenhive.clients.loop_thread import new_event_loop
 from tokenhive.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
-from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.schemas.errors import InvalidRequest, TokenHiveError
+from tokenhive.transport import CurveKeyError, CurveKeys, load_curve_keys
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 BROKER_ENV = "TOKENHIVE_BROKER"
@@ -58,6 +59,28 @@ def add_broker(parser: argparse.ArgumentParser, required_help: str) -> None:
     parser.add_argument("--broker", metavar="ADDR", default=os.environ.get(BROKER_ENV),
                         help=f"broker client address, e.g. tcp://127.0.0.1:5555 "
                              f"(env {BROKER_ENV}); {required_help}")
+
+
+def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--curve-secret-key", metavar="FILE",
+                        help="our CURVE key pair (*.key_secret) for a broker run with keys")
+    parser.add_argument("--curve-server-key", metavar="FILE",
+                        help="the broker's public CURVE key (*.key)")
+
+
+def curve_from_args(args: argparse.Namespace) -> CurveKeys | None:
+    """The key pair and broker key the flags name (files, never key material); None
+    without them; InvalidRequest for half a pair or an unreadable file."""
+    secret, server = getattr(args, "curve_secret_key", None), getattr(args, "curve_server_key",
+                                                                       None)
+    if not secret and not server:
+        return None
+    if not secret or not server:
+        raise InvalidRequest("--curve-secret-key and --curve-server-key go together")
+    try:
+        return load_curve_keys(secret, server)
+    except CurveKeyError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def add_client_timing(parser: argparse.ArgumentParser) -> None:

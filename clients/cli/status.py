@@ -10,7 +10,9 @@ from tokenhive.clients.cli.common import (
     BROKER_ENV,
     EXIT_OK,
     add_broker,
+    add_curve_arguments,
     add_log_level,
+    curve_from_args,
     print_json,
     report,
     run_async,
@@ -26,6 +28,7 @@ COLUMNS = ("worker", "model", "backend", "health", "slots", "free", "in-flight",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker(parser, f"default {DEFAULT_CLIENTS}")
+    add_curve_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the StatusReply as JSON")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="give up when the broker has not answered in this long")
@@ -39,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     address = args.broker or DEFAULT_CLIENTS
     try:
+        curve = curve_from_args(args)
         try:  # nothing listening is known at once, not after --timeout
             await probe_broker(address, connect_timeout=min(args.timeout, CONNECT_TIMEOUT),
-                               status_timeout=args.timeout)
+                               status_timeout=args.timeout, curve=curve)
         except NoBrokerAnswers as exc:  # with its code: scripts match broker_unavailable
             raise BrokerUnavailable(exc.message) from None
-        async with AsyncClient(address, broker_timeout=args.timeout) as client:
+        async with AsyncClient(address, broker_timeout=args.timeout, curve=curve) as client:
             status = await client.status(timeout=args.timeout)
     except TokenHiveError as exc:
         if not args.broker:

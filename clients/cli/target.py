@@ -15,9 +15,11 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from tokenhive.clients.async_client import AsyncClient
+from tokenhive.clients.cli.common import add_curve_arguments, curve_from_args
 from tokenhive.clients.pool.local import local_pool
 from tokenhive.clients.pool.options import ConfigError, add_pool_arguments, pool_config_from_args
 from tokenhive.schemas.errors import BrokerUnavailable, InvalidRequest, UnknownModel
+from tokenhive.transport import CurveKeys
 
 log = logging.getLogger("tokenhive.cli")
 
@@ -41,12 +43,14 @@ class NoBrokerAnswers(BrokerUnavailable):
 class Target(msgspec.Struct):
     address: str
     models: list[str]  # known when we started the pool; empty for a running broker
+    curve: CurveKeys | None = None  # --curve-* keys for a running broker
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="ADDR",
                         help="a running broker's client address (tcp://host:port, ipc://path); "
                              "without it a local pool is started for this command")
+    add_curve_arguments(parser)
     parser.add_argument("--ready-timeout", type=float, default=180.0, metavar="S",
                         help="local pool: seconds to wait for the workers to load")
     add_pool_arguments(parser)
@@ -60,8 +64,9 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
         if pool_only or args.option:
             names = ", ".join("--" + f.replace("_", "-") for f in pool_only) or "--option"
             raise ConfigError(f"{names}: pool flags only apply without --broker")
-        await probe_broker(args.broker)
-        yield Target(address=args.broker, models=[])
+        curve = curve_from_args(args)
+        await probe_broker(args.broker, curve=curve)
+        yield Target(address=args.broker, models=[], curve=curve)
         return
     config = pool_config_from_args(args)
     async with local_pool(config, log_level=args.log_level,
@@ -70,7 +75,8 @@ async def open_target(args: argparse.Namespace) -> AsyncIterator[Target]:
 
 
 async def probe_broker(address: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                       status_timeout: float = STATUS_TIMEOUT) -> None:
+                       status_timeout: float = STATUS_TIMEOUT,
+                       curve: CurveKeys | None = None) -> None:
     """NoBrokerAnswers unless a broker at ``address`` answers a status query. Nothing
     listening there (connection refused) is known at once; a connection that opens gets
     ``status_timeout`` for the reply, so a busy broker is not mistaken for none."""
@@ -78,7 +84,7 @@ async def probe_broker(address: str, *, connect_timeout: float = CONNECT_TIMEOUT
     log.debug("broker probe", extra={"address": address, "refused": refused})
     if refused:
         raise NoBrokerAnswers(address)
-    async with AsyncClient(address, broker_timeout=status_timeout * 2) as probe:
+    async with AsyncClient(address, broker_timeout=status_timeout * 2, curve=curve) as probe:
         try:
             await probe.status(timeout=status_timeout)
         except BrokerUnavailable:
