@@ -4,9 +4,10 @@ response that writes our frames straight to the server.
 Starlette's StreamingResponse runs every stream in an anyio task group (one task sending,
 one listening for the disconnect) and sends each frame as its own message after an
 isinstance check. This is the per-token path of ``tokenhive serve``, so instead: one watcher
-task per stream, which cancels the sending task when the client goes away (the broker then
-gets a Cancel through ``stream.aclose()``), headers built once per process, the first chunk
-sent with the opening event, and the closing events sent with the final message. The
+task per stream (``unless_disconnected``), which cancels the body when the client goes away
+(the broker then gets a Cancel through ``stream.aclose()``), headers built once per process,
+frames that wait together sent as one message (``CoalescingWriter``), the first chunk sent
+with the opening event, and the closing events sent with the final message. The
 inter-token gaps are noted in a list and observed into the histogram once the stream ended,
 off the path between two tokens.
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
-from tokenhive.clients.http.context import ServeContext
+from tokenhive.clients.http.context import ServeContext, unless_disconnected
 from tokenhive.clients.http.errors import stream_error_event
 from tokenhive.clients.http.openai_requests import Parsed
 from tokenhive.clients.http.openai_responses import SseFramer
@@ -37,11 +38,6 @@ RAW_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"
 START = {"type": "http.response.start", "status": 200, "headers": RAW_SSE_HEADERS}
 
 Finished = Callable[[str, Usage | None, float | None], None]
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class CoalescingWriter:
@@ -110,29 +106,11 @@ class SseResponse:
                                 include_usage=parsed.include_usage)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body_task = asyncio.current_task()
-        assert body_task is not None
-        state = {"ended": False, "gone": False}
-
-        def on_watcher_done(watcher: asyncio.Future[None]) -> None:
-            if watcher.cancelled() or watcher.exception() is not None or state["ended"]:
-                return
-            state["gone"] = True
-            body_task.cancel()
-
-        watcher = asyncio.ensure_future(_disconnected(receive))
-        watcher.add_done_callback(on_watcher_done)
         try:
-            await self._send_body(send)
-        except asyncio.CancelledError:
-            if not state["gone"]:
-                raise
-            body_task.uncancel()  # the client left: ours, not a cancellation from above
+            await unless_disconnected(receive, self._send_body(send))  # gone: body cancelled
         except OSError:  # the transport broke under a send: the client is gone
             pass
         finally:
-            state["ended"] = True
-            watcher.cancel()
             await self._cleanup()
 
     async def _send_body(self, send: Send) -> None:
