@@ -23,6 +23,11 @@ from tokenhive.schemas.messages import Error, Final, Goodbye, Health, Heartbeat,
 
 log = logging.getLogger("tokenhive.broker")
 
+# Self-reported text a worker puts in status replies and logs: capped, so a peer cannot make
+# every status reply megabytes long.
+MAX_NAME_CHARS = 256  # worker id, model, device
+MAX_DETAIL_CHARS = 1024  # health detail (a longer one from a heartbeat is cut)
+
 
 class WorkerEvents:
     def __init__(self, state: BrokerState, flow: JobFlow) -> None:
@@ -103,6 +108,10 @@ class WorkerEvents:
             else "model must not be empty" if not ready.model
             else f"slots must be >= 1, got {ready.slots}" if ready.slots < 1
             else f"slots {ready.slots} over limits.max_worker_slots {cap}" if ready.slots > cap
+            else f"worker, model and device must be at most {MAX_NAME_CHARS} characters"
+            if max(len(ready.worker), len(ready.model), len(ready.device)) > MAX_NAME_CHARS
+            else f"detail must be at most {MAX_DETAIL_CHARS} characters"
+            if len(ready.detail) > MAX_DETAIL_CHARS
             else None
         )
         if problem is not None:
@@ -145,7 +154,7 @@ class WorkerEvents:
             log.info("worker health", extra={"worker": worker.name, "health": hb.health.value,
                                              "was": worker.health.value, "detail": hb.detail})
         worker.health = hb.health
-        worker.detail = hb.detail
+        worker.detail = hb.detail[:MAX_DETAIL_CHARS]
         worker.memory_mb = hb.memory_mb
         worker.reported_free = hb.free_slots
         worker.reported_in_flight = hb.in_flight

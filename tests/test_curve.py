@@ -245,18 +245,23 @@ def test_worker_slots_over_the_cap_are_rejected(tmp_path: Path) -> None:
     with start_broker(tmp_path, heartbeat_interval=0.2,
                       config_json='{"limits": {"max_worker_slots": 4}}') as proc:
         worker = start_worker(proc.workers, tmp_path, worker_id="big", slots=8)
+        long_name = start_worker(proc.workers, tmp_path, worker_id="long", model="m" * 300,
+                                 slots=1)
         try:
             async def scenario() -> None:
                 async with AsyncClient(proc.clients, model="echo") as client:
-                    status = await wait_status(client, lambda s: s.counters["bad_frames"] >= 1)
+                    status = await wait_status(client, lambda s: s.counters["bad_frames"] >= 2)
                     assert worker_ids(status) == []
             run(scenario())
-            deadline = time.monotonic() + 10
-            while "over limits.max_worker_slots 4" not in worker.log_text():
-                assert time.monotonic() < deadline, worker.log_text()[-2000:]
-                time.sleep(0.05)  # polling its log, not synchronisation
+            for refused, reason in ((worker, "over limits.max_worker_slots 4"),
+                                    (long_name, "must be at most 256 characters")):
+                deadline = time.monotonic() + 10
+                while reason not in refused.log_text():
+                    assert time.monotonic() < deadline, refused.log_text()[-2000:]
+                    time.sleep(0.05)  # polling its log, not synchronisation
         finally:
             worker.stop()
+            long_name.stop()
 
 
 @pytest.mark.timeout(90)
