@@ -209,6 +209,14 @@ def test_second_key_cannot_take_over_a_worker_id(tmp_path: Path, keys: Keys,
                     assert "registered to another key" in second.log_text()
                 finally:
                     second.stop()
+                # the key that owns the id may register it again (a restarted worker)
+                nonlocal first
+                first.stop()
+                first = start_worker(broker.workers, tmp_path / "restart",
+                                     *keys.flags("worker1"), worker_id="w", slots=2)
+                await wait_status(client, lambda s: [(w.id, w.slots) for w in s.workers]
+                                  == [("w", 2)])
+        (tmp_path / "restart").mkdir()
         run(scenario())
     finally:
         first.stop()
