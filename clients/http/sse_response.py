@@ -123,10 +123,10 @@ class SseResponse:
         await send(START)
         if opening:
             await send({"type": "http.response.body", "body": opening, "more_body": True})
-        gaps = self.gaps
-        frame = self._frame
-        monotonic = time.monotonic
         writer = CoalescingWriter(send)
+        # the per-token loop: locals, and the writer's write() inlined
+        gaps, frame, delta, monotonic = self.gaps, self._frame, framer.delta, time.monotonic
+        pending, wake = writer.pending, writer.wake
         last = monotonic()
         try:
             if first is not None:
@@ -134,7 +134,8 @@ class SseResponse:
                     now = monotonic()
                     gaps.append(now - last)
                     last = now
-                    writer.write(frame(chunk))
+                    pending.append(frame(chunk) if chunk.tool_calls else delta(chunk.text))
+                    wake.set()
             result = stream.result
         except TokenHiveError as exc:
             self.outcome = exc.code.value
