@@ -137,6 +137,8 @@ def test_keyed_worker_and_client_work_end_to_end(tmp_path: Path, keys: Keys,
                                  *keys.flags("client")], capture_output=True, text=True,
                                 timeout=60)
         assert status.returncode == 0 and '"w1"' in status.stdout, status.stderr
+        # keyed CLI runs (their connection probes too) are no auth failures
+        assert '"auth_failures": 0' in status.stdout.replace('":0', '": 0'), status.stdout
         refused = subprocess.run([*CLI, "status", "--broker", broker.clients, "--timeout", "1",
                                   *keys.flags("client", server="rogue")],
                                  capture_output=True, text=True, timeout=60)

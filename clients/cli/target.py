@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from tokenhive import transport
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.cli.common import add_curve_arguments, curve_from_args
 from tokenhive.clients.pool.local import local_pool
@@ -80,7 +81,7 @@ async def probe_broker(address: str, *, connect_timeout: float = CONNECT_TIMEOUT
     """NoBrokerAnswers unless a broker at ``address`` answers a status query. Nothing
     listening there (connection refused) is known at once; a connection that opens gets
     ``status_timeout`` for the reply, so a busy broker is not mistaken for none."""
-    refused = await _refused(address, connect_timeout)
+    refused = await _refused(address, connect_timeout, curve)
     log.debug("broker probe", extra={"address": address, "refused": refused})
     if refused:
         raise NoBrokerAnswers(address)
@@ -91,19 +92,25 @@ async def probe_broker(address: str, *, connect_timeout: float = CONNECT_TIMEOUT
             raise NoBrokerAnswers(address) from None
 
 
-async def _refused(address: str, limit: float) -> bool:
+async def _refused(address: str, limit: float, curve: CurveKeys | None = None) -> bool:
     """True when connecting to ``address`` fails (ZeroMQ would retry it forever, quietly);
-    False when it connects, or when neither happened within ``limit`` (a dropped SYN)."""
+    False when it connects, or when neither happened within ``limit`` (a dropped SYN).
+    With ``curve`` the probe handshakes with the keys, so a keyed broker does not count it
+    as a refused peer."""
     context = zmq.asyncio.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.linger = 0
-    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+    sock = transport.dealer(context, curve=curve)
+    # keyed: wait for the handshake's end too, since closing in the middle of it would count
+    # at the broker as a refused peer
+    reached = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+               if curve is not None else zmq.EVENT_CONNECTED)
+    monitor = sock.get_monitor_socket(reached | zmq.EVENT_CONNECT_RETRIED)
     try:
         sock.connect(address)
         async with asyncio.timeout(limit):
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_CONNECTED:
+                if event & reached:
                     return False
                 if event == zmq.EVENT_CONNECT_RETRIED:
                     return True
