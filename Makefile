@@ -56,6 +56,7 @@ batch: $(RUNTIME)
 ## Every bench, each printing its ratios (side by side in one run); see README, Benchmarks.
 bench: $(STAMP)
 	$(BIN)/python -m bench.broker
+	$(BIN)/python -m bench.broker_curve
 	$(BIN)/python -m bench.gguf
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.remote
