@@ -25,6 +25,10 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmkitPeer]:
         reply = peer.call("init", {"backend": "transformers", "model": "echo"}, timeout=60)
         assert reply["result"]["ready"] is True, reply
         yield peer
+        # a polite shutdown stops the local pool and removes its runtime directory; the
+        # SIGKILL in stop() is only the fallback (a killed sidecar cannot clean up)
+        assert "result" in peer.call("shutdown")
+        assert peer.wait() == 0
     finally:
         peer.stop()
 
