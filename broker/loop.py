@@ -129,7 +129,7 @@ class BrokerServer:
         self.core.touch()
         if self._monitors:
             self._drain_monitors()
-        more = self._drain_keyed_workers() if self._keyed_workers else self._drain_workers()
+        more = self._drain_workers()
         more = self._drain_clients() or more
         self.core.settle()
         if self._backlog:
@@ -145,14 +145,21 @@ class BrokerServer:
             self._schedule_pump()
 
     def _drain_workers(self) -> bool:
-        """Receive up to BATCH worker messages; True if more may be waiting."""
+        """Receive up to BATCH worker messages; True if more may be waiting. With CURVE on the
+        worker side, a control message also carries its sender's public key (the ZAP
+        User-Id), which registration checks; chunks never ask for it."""
         recv = self._recv_worker
         core = self.core
         on_chunk = core.on_chunk
         version = VERSION_FRAME
+        keyed = self._keyed_workers
+        user: str | None = None
         for _ in range(BATCH):
             try:
-                frames = recv_routed(recv)
+                if keyed:
+                    frames, user = recv_routed_user(recv)
+                else:
+                    frames = recv_routed(recv)
             except zmq.Again:
                 return False
             try:
@@ -162,28 +169,8 @@ class BrokerServer:
                     if route and route[0] == _ROUTE_CHUNK_BYTE:
                         on_chunk(frames[0], route, frames[3])
                         continue
-                core.on_worker_frames(frames)
+                core.on_worker_frames(frames, user)
             except Exception:  # a bug must not take the broker down for everyone
-                core.counts["internal_errors"] += 1
-                log.exception("internal error on a worker message")
-        return True
-
-    def _drain_keyed_workers(self) -> bool:
-        """``_drain_workers`` with CURVE: every message carries its sender's public key (the
-        ZAP User-Id), which registration checks; no chunk fast path on this socket."""
-        recv = self._recv_worker
-        core = self.core
-        for _ in range(BATCH):
-            try:
-                frames, user = recv_routed_user(recv)
-            except zmq.Again:
-                return False
-            try:
-                if len(frames) == 4 and frames[1] == VERSION_FRAME and frames[2][:1] == b"c":
-                    core.on_chunk(frames[0], frames[2], frames[3])
-                else:
-                    core.on_worker_frames(frames, user)
-            except Exception:
                 core.counts["internal_errors"] += 1
                 log.exception("internal error on a worker message")
         return True
