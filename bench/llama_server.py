@@ -32,8 +32,53 @@ def llama_server_binary() -> Path:
     return found
 
 
-class LlamaServer:
+class ServerProcess:
+    """An HTTP server as a subprocess: ``async with`` starts it and returns once
+    ``url + health_path`` answers ``healthy(status)``, within ``within`` seconds; the block's
+    end terminates it. Subclasses set ``argv``, ``url`` and ``name``."""
+
+    argv: list[str]
+    url: str
+    name = "server"
+    health_path = "/health"
+    within = 120.0
+    stderr: int | None = subprocess.DEVNULL  # None: the bench's own stderr
+
+    def healthy(self, status: int) -> bool:
+        return status == 200
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def __aenter__(self) -> ServerProcess:
+        self.proc: asyncio.subprocess.Process | None = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        deadline = time.monotonic() + self.within
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                if self.proc.returncode is not None:
+                    sys.exit(f"{self.name} exited with {self.proc.returncode}: {self.argv}")
+                try:
+                    if self.healthy((await http.get(self.url + self.health_path)).status_code):
+                        return self
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.2)  # polling interval of a deadline-bounded wait
+        await self.__aexit__()
+        sys.exit(f"{self.name} did not become healthy in {self.within:.0f} s")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await asyncio.wait_for(self.proc.wait(), 30)
+
+
+class LlamaServer(ServerProcess):
     """``async with LlamaServer(...) as server``: healthy on ``server.url`` inside the block."""
+
+    name = "llama-server"
 
     def __init__(self, model: Path, *, slots: int, ctx_per_slot: int, threads: int | None,
                  n_gpu_layers: int = 0, batch: int = 512,
@@ -50,34 +95,8 @@ class LlamaServer:
             self.argv += ["-t", str(threads), "-tb", str(threads)]
         if chat_template:  # a built-in template name ("gemma", "chatml", ...)
             self.argv += ["--chat-template", chat_template]
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc = None
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def __aenter__(self) -> LlamaServer:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.returncode is not None:
-                    sys.exit(f"llama-server exited with {self.proc.returncode}: {self.argv}")
-                try:
-                    if (await http.get(f"{self.url}/health")).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)  # polling interval of a deadline-bounded wait
-        await self.__aexit__()
-        sys.exit("llama-server did not become healthy in 120 s")
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await asyncio.wait_for(self.proc.wait(), 30)
 
 
 async def check_chat_template(url: str) -> None:

@@ -13,8 +13,6 @@ chat (each system applies its own chat template).
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Literal, Protocol
 import httpx
 import msgspec
 
+from bench.llama_server import ServerProcess
 from bench.serve_metrics import Record
 from bench.serve_workload import Item
 from tokenhive.clients.async_client import AsyncClient
@@ -148,38 +147,19 @@ def serve_available() -> bool:
     return SERVE_COMMAND.is_file()
 
 
-class TokenhiveServe:
+class TokenhiveServe(ServerProcess):
     """``tokenhive serve`` in front of a running pool, healthy inside the block."""
+
+    name = "tokenhive serve"
+    health_path = "/v1/models"
+    within = 60.0
+    stderr = None  # its one-line errors are worth seeing
 
     def __init__(self, broker: str, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         script = Path(sys.executable).parent / "tokenhive"
         self.argv = [str(script), "serve", "--broker", broker, "--port", str(port)]
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc = None
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def __aenter__(self) -> TokenhiveServe:
-        self.proc = await asyncio.create_subprocess_exec(*self.argv,
-                                                         stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.returncode is not None:
-                    sys.exit(f"tokenhive serve exited with {self.proc.returncode}: {self.argv}")
-                try:
-                    if (await http.get(f"{self.url}/v1/models")).status_code < 500:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)  # polling interval of a deadline-bounded wait
-        await self.__aexit__()
-        sys.exit("tokenhive serve did not answer in 60 s")
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await asyncio.wait_for(self.proc.wait(), 30)
+    def healthy(self, status: int) -> bool:
+        return status < 500  # listening; whether a model serves is the bench's business
