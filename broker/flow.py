@@ -72,7 +72,7 @@ class JobFlow:
             )
         body = encode(Dispatch(
             key=job.key, request=request, queued_ms=round((now - job.accepted_at) * 1000, 3),
-            attempt=job.attempts,
+            attempt=job.attempts, client=job.client,
         ))
         rc = state.sink.to_worker(worker.ident, body)
         if rc == SENT:

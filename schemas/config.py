@@ -102,6 +102,9 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # CurveZMQ on both sockets (tokenhive.transport): FILES, never key material. The broker's
     # key pair (a *.key_secret file), and the directories of allowed public *.key files:
     # curve_allow for both sides, or one per side (which then wins for that side).
+    # Prometheus text on http://HOST:PORT/metrics (``--metrics``); "" = off. Loopback unless
+    # told otherwise, like every bind.
+    metrics: str = ""
     curve_secret_key: str = ""
     curve_allow: str = ""
     curve_allow_workers: str = ""
@@ -250,6 +253,13 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # CurveZMQ to a keyed broker: our *.key_secret file and the broker's public *.key file
     curve_secret_key: str = ""
     curve_server_key: str = ""
+    # The node agent this worker runs under (``tokenhive node`` sets TOKENHIVE_NODE); the
+    # broker groups workers by it and judges node health. "" with no env: none.
+    node: str = ""
+    # Pack the chunks of one event-loop turn (one decode step) that go to the same client
+    # into one message (``Pack``): far fewer broker messages for batch clients with many
+    # streams per worker. Off by default: one message per chunk has the lowest latency.
+    pack_chunks: bool = False
 
 
 class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

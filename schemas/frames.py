@@ -11,7 +11,9 @@ client -> broker       ``[VERSION, ClientMsg]``
 broker -> client       ``[VERSION, BrokerToClientMsg]``
 worker -> broker       ``[VERSION, route, body]``: ``route == b""`` -> body is a WorkerMsg;
                        ``route == ROUTE_CHUNK + key`` -> body is a Chunk;
-                       ``route == ROUTE_END + key`` -> body is a Final or Error (terminal)
+                       ``route == ROUTE_END + key`` -> body is a Final or Error (terminal);
+                       ``route == ROUTE_PACK + key + key ...`` -> body is a Pack of those
+                       requests' chunks (all of one client), keys in the pack's order
 broker -> worker       ``[VERSION, BrokerToWorkerMsg]``
 =====================  ===========================================================
 
@@ -38,6 +40,7 @@ MAGIC = b"TH"
 ROUTE_CONTROL = b""
 ROUTE_CHUNK = b"c"
 ROUTE_END = b"e"
+ROUTE_PACK = b"p"
 
 
 def version_of(frame: bytes) -> int | None:

@@ -216,6 +216,35 @@ class Pong(msgspec.Struct, tag="pong", array_like=True):
     at: float = 0.0
 
 
+class Pack(msgspec.Struct, tag="p", array_like=True):
+    """Several requests' chunks of one decode step, for the same client, in one message.
+
+    A worker that packs (``WorkerConfig.pack_chunks``) groups the chunks it produces in one
+    event-loop turn by ``Dispatch.client`` and sends them as one ``ROUTE_PACK`` message; the
+    broker forwards the body unchanged (see ``schemas/frames.py``), so a batch client with
+    dozens of streams on one worker costs the broker one message per step, not one per token.
+    """
+
+    chunks: list[Chunk]
+
+
+class DrainNode(msgspec.Struct, tag="drain"):
+    """An operator's request: stop (``drain=True``) or resume dispatching to a node's
+    workers. Work already running there finishes; queued work goes to other nodes."""
+
+    node: str
+    drain: bool = True
+
+
+class NodeDrained(msgspec.Struct, tag="drained", array_like=True):
+    """The broker's answer to DrainNode: the node's state now."""
+
+    node: str
+    draining: bool
+    workers: int  # the node's registered workers
+    in_flight: int  # requests still running there
+
+
 class StatusQuery(msgspec.Struct, tag="status?"):
     pass
 
@@ -244,6 +273,42 @@ class WorkerStatus(msgspec.Struct, omit_defaults=True):
     failed: int = 0
     latency_ms: float = 0.0
     last_seen_s: float = 0.0
+    node: str = ""  # the node agent (or host) it runs under; "" when it reported none
+    # From its heartbeats (generation backends that know them): decode tokens/s over the
+    # last interval, KV-cache cells in use (0..1), prompt-prefix cache hits since start.
+    decode_tps: float = 0.0
+    kv_used: float = 0.0
+    prefix_hits: int = 0
+
+
+class GpuInfo(msgspec.Struct, omit_defaults=True):
+    """One GPU as a node agent sees it (NVML where available; else only index and name)."""
+
+    index: int
+    name: str = ""
+    uuid: str = ""
+    memory_used_mb: float = 0.0
+    memory_total_mb: float = 0.0
+    utilization_pct: float | None = None
+    workers: list[str] = msgspec.field(default_factory=list)  # worker ids pinned to it
+
+
+class NodeHealth(enum.StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"  # some of its workers are not serving, or it reports trouble
+    DOWN = "down"  # silent past liveness, or none of its workers is alive
+
+
+class NodeStatus(msgspec.Struct, omit_defaults=True):
+    id: str
+    health: NodeHealth
+    draining: bool = False
+    host: str = ""
+    gpus: list[GpuInfo] = msgspec.field(default_factory=list)
+    workers: list[str] = msgspec.field(default_factory=list)  # registered worker ids
+    detail: str = ""
+    last_seen_s: float = 0.0
+    agent: bool = False  # True when a node agent reports it (else known from workers only)
 
 
 class Spend(msgspec.Struct, omit_defaults=True):
@@ -266,10 +331,11 @@ class StatusReply(msgspec.Struct, tag="status", array_like=True):
     cooldowns: dict[str, float] = msgspec.field(default_factory=dict)  # model -> seconds left
     spend_by_model: dict[str, Spend] = msgspec.field(default_factory=dict)
     spend_by_profile: dict[str, Spend] = msgspec.field(default_factory=dict)
+    nodes: list[NodeStatus] = msgspec.field(default_factory=list)
 
 
-ClientMsg = Submit | Cancel | Ping | StatusQuery | MarkModelFailed
-BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply
+ClientMsg = Submit | Cancel | Ping | StatusQuery | MarkModelFailed | DrainNode
+BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply | Pack | NodeDrained
 
 # ---------------------------------------------------------------------------------------------
 # Broker <-> worker
@@ -296,6 +362,7 @@ class Ready(msgspec.Struct, tag="ready", omit_defaults=True):
     health: Health = Health.OK
     detail: str = ""
     upstream_model: str = ""  # remote backends: the model name sent upstream (for pricing)
+    node: str = ""  # the node it runs under (TOKENHIVE_NODE, set by ``tokenhive node``)
 
 
 class Heartbeat(msgspec.Struct, tag="hb", omit_defaults=True):
@@ -306,6 +373,11 @@ class Heartbeat(msgspec.Struct, tag="hb", omit_defaults=True):
     detail: str = ""
     memory_mb: float = 0.0
     retry_after: float | None = None  # set while rate limited upstream
+    # What the broker cannot see (0 where the backend does not know): decode tokens/s over
+    # the last interval, KV-cache cells in use (0..1), prompt-prefix cache hits since start.
+    decode_tps: float = 0.0
+    kv_used: float = 0.0
+    prefix_hits: int = 0
 
 
 class Goodbye(msgspec.Struct, tag="bye", omit_defaults=True):
@@ -324,6 +396,9 @@ class Dispatch(msgspec.Struct, tag="dispatch", omit_defaults=True):
     request: Request
     queued_ms: float = 0.0
     attempt: int = 1
+    # Opaque to the worker: which client asked. A worker that packs chunks (``Pack``) puts
+    # only requests of the same client in one message.
+    client: bytes = b""
 
 
 class CancelWork(msgspec.Struct, tag="cancel"):
@@ -346,13 +421,31 @@ class Rejected(msgspec.Struct, tag="rejected"):
     message: str
 
 
-WorkerMsg = Ready | Heartbeat | Goodbye
+class NodeReport(msgspec.Struct, tag="node", omit_defaults=True):
+    """From a node agent (``tokenhive node``), every heartbeat interval, on the worker socket.
+
+    The broker judges the node's health from these and from its workers' liveness; a node
+    whose reports stop for ``heartbeat_liveness`` intervals is down, and its workers are
+    lost at once (their unstarted work re-queued, their streams ended with worker_lost)."""
+
+    node: str
+    host: str = ""
+    gpus: list[GpuInfo] = msgspec.field(default_factory=list)
+    workers: list[str] = msgspec.field(default_factory=list)  # worker ids it runs
+    failed: list[str] = msgspec.field(default_factory=list)  # replicas it gave up on
+    restarting: list[str] = msgspec.field(default_factory=list)  # in backoff after a crash
+    stopping: bool = False  # the node is draining its workers and will leave
+
+
+WorkerMsg = Ready | Heartbeat | Goodbye | NodeReport
 BrokerToWorkerMsg = Dispatch | CancelWork | BrokerPing | Reregister | Rejected
 
 __all__ = [
     "BrokerPing", "BrokerToClientMsg", "BrokerToWorkerMsg", "Cancel", "CancelWork", "Chunk",
-    "ClientMsg", "Dispatch", "Error", "Final", "Goodbye", "Health", "Heartbeat", "Kind",
-    "MarkModelFailed", "Message", "Ping", "Pong", "Priority", "PriorityLevel", "Ready", "Rejected",
+    "ClientMsg", "Dispatch", "DrainNode", "Error", "Final", "Goodbye", "GpuInfo", "Health",
+    "Heartbeat", "Kind", "MarkModelFailed", "Message", "NodeDrained", "NodeHealth",
+    "NodeReport", "NodeStatus", "Pack", "Ping", "Pong", "Priority", "PriorityLevel", "Ready",
+    "Rejected",
     "Request", "Reregister", "Sampling", "Spend", "StatusQuery", "StatusReply", "StreamMsg",
     "Submit", "Timings", "Usage", "WorkerMsg", "WorkerStatus",
 ]

@@ -90,6 +90,7 @@ class WorkerRuntime:
         self.config = config
         self.spec = config.spec
         self.worker_id = self.spec.id or default_worker_id(self.spec.model)
+        self.node = config.node or os.environ.get("TOKENHIVE_NODE", "")
         self.kind = backend_kind(self.spec)
         # Built in _load when None, so that a backend failing to build is a load failure.
         self.backend: Backend | None = backend
@@ -244,7 +245,7 @@ class WorkerRuntime:
             slots=self.spec.slots, context_length=info.context_length, device=info.device,
             kinds=list(info.kinds), pid=os.getpid(), memory_mb=info.memory_mb or rss_mb(),
             health=verdict.health, detail=verdict.detail,
-            upstream_model=upstream_name(self.spec),
+            upstream_model=upstream_name(self.spec), node=self.node,
         )
 
     def heartbeat(self) -> Heartbeat:
