@@ -17,10 +17,10 @@ LATENCY_ALPHA = 0.2  # weight of the newest sample in the latency EWMA
 
 class Worker:
     __slots__ = (
-        "active", "backend", "cancelling", "detail", "device", "failed", "health", "ident",
-        "kinds", "last_dispatch", "last_seen", "latency_ms", "memory_mb", "model", "name",
-        "pid", "registered_seq", "reported_free", "reported_in_flight", "served", "slots",
-        "upstream",
+        "active", "backend", "cancelling", "decode_tps", "detail", "device", "failed",
+        "health", "ident", "kinds", "kv_used", "last_dispatch", "last_seen", "latency_ms",
+        "memory_mb", "model", "name", "node", "pid", "prefix_hits", "registered_seq",
+        "reported_free", "reported_in_flight", "served", "slots", "upstream",
     )
 
     def __init__(self, ident: bytes, ready: Ready, now: float, seq: int) -> None:
@@ -32,6 +32,7 @@ class Worker:
         self.slots = ready.slots
         self.kinds = frozenset(ready.kinds)
         self.device = ready.device
+        self.node = ready.node  # "" when it runs under no node agent
         self.pid = ready.pid
         self.memory_mb = ready.memory_mb
         self.health = ready.health
@@ -49,6 +50,10 @@ class Worker:
         self.served = 0
         self.failed = 0
         self.latency_ms = 0.0  # EWMA of dispatch -> first message; 0 until sampled
+        # from heartbeats: what only the worker sees (0 where its backend does not know)
+        self.decode_tps = 0.0
+        self.kv_used = 0.0
+        self.prefix_hits = 0
 
     @property
     def free_slots(self) -> int:

@@ -33,6 +33,7 @@ COUNTERS = (
     "wrong_version",     # a well-formed version frame of another protocol version
     "bad_terminals",     # a worker terminal that did not decode to this request's Final/Error
     "late_chunks",       # chunks for requests already answered (cancelled, expired, cut off)
+    "packs",             # Pack messages forwarded (several requests' chunks in one message)
     "late_terminals",    # terminals for requests already answered
     "reregister_sent",   # Reregister replies to unknown workers
     "workers_registered",
@@ -62,6 +63,8 @@ def snapshot(
                 slots=w.slots, free_slots=w.free_slots, in_flight=len(w.active),
                 device=w.device, detail=w.detail, served=w.served, failed=w.failed,
                 latency_ms=round(w.latency_ms, 3), last_seen_s=round(now - w.last_seen, 3),
+                node=w.node, decode_tps=round(w.decode_tps, 2), kv_used=round(w.kv_used, 4),
+                prefix_hits=w.prefix_hits,
             )
             for w in workers
         ],

@@ -158,6 +158,9 @@ class WorkerEvents:
         worker.memory_mb = hb.memory_mb
         worker.reported_free = hb.free_slots
         worker.reported_in_flight = hb.in_flight
+        worker.decode_tps = max(0.0, hb.decode_tps)
+        worker.kv_used = min(1.0, max(0.0, hb.kv_used))
+        worker.prefix_hits = max(0, hb.prefix_hits)
         if hb.health is Health.OK:
             self.state.dirty.add(worker.model)
 
