@@ -230,19 +230,11 @@ class Pack(msgspec.Struct, tag="p", array_like=True):
 
 class DrainNode(msgspec.Struct, tag="drain"):
     """An operator's request: stop (``drain=True``) or resume dispatching to a node's
-    workers. Work already running there finishes; queued work goes to other nodes."""
+    workers. Work already running there finishes; queued work goes to other nodes. Not
+    answered by itself: the client asks for status next, on the same socket, which shows it."""
 
     node: str
     drain: bool = True
-
-
-class NodeDrained(msgspec.Struct, tag="drained", array_like=True):
-    """The broker's answer to DrainNode: the node's state now."""
-
-    node: str
-    draining: bool
-    workers: int  # the node's registered workers
-    in_flight: int  # requests still running there
 
 
 class StatusQuery(msgspec.Struct, tag="status?"):
@@ -335,7 +327,7 @@ class StatusReply(msgspec.Struct, tag="status", array_like=True):
 
 
 ClientMsg = Submit | Cancel | Ping | StatusQuery | MarkModelFailed | DrainNode
-BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply | Pack | NodeDrained
+BrokerToClientMsg = Chunk | Final | Error | Pong | StatusReply | Pack
 
 # ---------------------------------------------------------------------------------------------
 # Broker <-> worker
@@ -443,7 +435,7 @@ BrokerToWorkerMsg = Dispatch | CancelWork | BrokerPing | Reregister | Rejected
 __all__ = [
     "BrokerPing", "BrokerToClientMsg", "BrokerToWorkerMsg", "Cancel", "CancelWork", "Chunk",
     "ClientMsg", "Dispatch", "DrainNode", "Error", "Final", "Goodbye", "GpuInfo", "Health",
-    "Heartbeat", "Kind", "MarkModelFailed", "Message", "NodeDrained", "NodeHealth",
+    "Heartbeat", "Kind", "MarkModelFailed", "Message", "NodeHealth",
     "NodeReport", "NodeStatus", "Pack", "Ping", "Pong", "Priority", "PriorityLevel", "Ready",
     "Rejected",
     "Request", "Reregister", "Sampling", "Spend", "StatusQuery", "StatusReply", "StreamMsg",
