@@ -15,6 +15,7 @@ Guarantee: every accepted request gets exactly one final answer (Final or Error)
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import client_msg_decoder, encode
 from tokenhive.schemas.messages import (
     Cancel,
+    DrainNode,
     Health,
     MarkModelFailed,
     Ping,
@@ -45,6 +47,8 @@ from tokenhive.schemas.messages import (
     StatusReply,
     Submit,
 )
+
+log = logging.getLogger("tokenhive.broker")
 
 
 class BrokerCore:
@@ -155,6 +159,8 @@ class BrokerCore:
                     state.send_client(ident, encode(Pong(at=msg.at)))
                 elif isinstance(msg, MarkModelFailed):
                     self.on_model_failed(msg.model, msg.reason)
+                elif isinstance(msg, DrainNode):
+                    self.on_drain_node(msg.node, msg.drain)
                 else:
                     state.send_client(ident, encode(self.status()))
         self.flow.settle()
@@ -169,6 +175,17 @@ class BrokerCore:
         for job in list(queue) if queue is not None else []:
             state.counts["model_failed"] += 1
             self.flow.end(job, ErrorCode.MODEL_FAILED, reason)
+
+    def on_drain_node(self, node_id: str, drain: bool) -> None:
+        """An operator drains (or undrains) a node: no new work goes there. An unknown node
+        changes nothing; the status the client asks for next tells it so."""
+        state = self.state
+        node = state.nodes.get(node_id)
+        if node is None or node.draining == drain:
+            return
+        node.draining = drain
+        state.nodes_dirty = True
+        log.info("node drain", extra={"node": node_id, "draining": drain})
 
     def _serving(self, model: str) -> bool:
         """A worker of the model that is up (not loading: a crashed one stays registered
@@ -263,4 +280,5 @@ class BrokerCore:
         reply.cooldowns = state.cooldowns.left(state.now)
         reply.spend_by_model = state.spend.by_model
         reply.spend_by_profile = state.spend.by_profile
+        reply.nodes = state.nodes.status(state.registry, state.now)
         return reply

@@ -163,6 +163,8 @@ class JobFlow:
             return  # already gone
         state.registry.remove(worker, state.now)
         state.counts[counter] += 1
+        if worker.node:
+            state.nodes_dirty = True
         jobs = sorted(worker.active.values(), key=lambda j: j.seq, reverse=True)
         worker.active.clear()
         worker.cancelling.clear()
@@ -218,7 +220,8 @@ class JobFlow:
     def settle(self) -> None:
         """Handle what sends reported (gone/full peers) and dispatch newly possible work."""
         state = self.state
-        while state.gone_clients or state.full_clients or state.troubled_workers or state.dirty:
+        while (state.gone_clients or state.full_clients or state.troubled_workers or state.dirty
+               or state.nodes_dirty):
             while state.gone_clients:
                 self.drop_client(state.gone_clients.pop(), "disconnected")
             while state.full_clients:
@@ -232,6 +235,9 @@ class JobFlow:
                 if worker is not None:
                     why = "unreachable" if rc == GONE else "not reading (pipe full)"
                     self.lose_worker(worker, why)
+            if state.nodes_dirty:  # before dispatching: a node may have gone down or drained
+                state.nodes_dirty = False
+                state.dirty |= state.nodes.refresh(state.registry, state.now, state.worker_timeout)
             dirty, state.dirty = state.dirty, set()
             for model in dirty:
                 self.pump(model)

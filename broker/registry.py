@@ -14,12 +14,16 @@ from tokenhive.schemas.messages import Health, Kind, Ready
 
 LATENCY_ALPHA = 0.2  # weight of the newest sample in the latency EWMA
 
+# Worker.node_rank, set from its node's health by broker/nodes.py: lower is preferred, and
+# RANK_UNUSABLE (node down or draining) takes no new work.
+RANK_OK, RANK_DEGRADED, RANK_UNUSABLE = 0, 1, 2
+
 
 class Worker:
     __slots__ = (
         "active", "backend", "cancelling", "decode_tps", "detail", "device", "failed",
         "health", "ident", "kinds", "kv_used", "last_dispatch", "last_seen", "latency_ms",
-        "memory_mb", "model", "name", "node", "pid", "prefix_hits", "registered_seq",
+        "memory_mb", "model", "name", "node", "node_rank", "pid", "prefix_hits", "registered_seq",
         "reported_free", "reported_in_flight", "served", "slots", "upstream",
     )
 
@@ -33,6 +37,7 @@ class Worker:
         self.kinds = frozenset(ready.kinds)
         self.device = ready.device
         self.node = ready.node  # "" when it runs under no node agent
+        self.node_rank = RANK_OK  # its node's verdict (nodes.py); RANK_OK without a node
         self.pid = ready.pid
         self.memory_mb = ready.memory_mb
         self.health = ready.health
@@ -123,8 +128,15 @@ class WorkerRegistry:
             self.orphaned_since[worker.model] = now
 
     def candidates(self, model: str, kind: Kind) -> list[Worker]:
-        """Workers that may take a request of ``kind`` right now."""
-        return [w for w in self._by_model.get(model, ()) if w.can_take(kind)]
+        """Workers that may take a request of ``kind`` right now: none on a node that is down
+        or draining, and only those on the healthiest nodes available."""
+        ready = [w for w in self._by_model.get(model, ())
+                 if w.can_take(kind) and w.node_rank < RANK_UNUSABLE]
+        if len(ready) > 1:
+            best = min(w.node_rank for w in ready)
+            if best < RANK_DEGRADED and any(w.node_rank > best for w in ready):
+                ready = [w for w in ready if w.node_rank == best]
+        return ready
 
     def serves_kind(self, model: str, kind: Kind) -> bool:
         return any(kind in w.kinds for w in self._by_model.get(model, ()))

@@ -18,6 +18,7 @@ from tokenhive.broker.cost import PriceBook
 from tokenhive.broker.deadlines import DeadlineHeap
 from tokenhive.broker.inflight import InFlight, KeyMaker
 from tokenhive.broker.job import ClientState
+from tokenhive.broker.nodes import NodeBook
 from tokenhive.broker.queue import ModelQueue
 from tokenhive.broker.registry import Worker, WorkerRegistry
 from tokenhive.broker.sink import GONE, Sink
@@ -46,6 +47,8 @@ class BrokerState:
         self.balancer = balancer or make_balancer(config.balancer)
         # the work and the peers
         self.registry = WorkerRegistry()
+        self.nodes = NodeBook()
+        self.nodes_dirty = False  # a node's facts changed: ranks are recomputed at settle
         self.queues: dict[str, ModelQueue] = {}
         self.inflight = InFlight()
         self.deadlines = DeadlineHeap()

@@ -7,12 +7,16 @@ nothing costly when nothing is due.
 
 from __future__ import annotations
 
+import logging
+
 from tokenhive.broker.flow import JobFlow
 from tokenhive.broker.job import JobState
 from tokenhive.broker.state import BrokerState
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import encode
 from tokenhive.schemas.messages import BrokerPing, Health
+
+log = logging.getLogger("tokenhive.broker")
 
 _WILL_SERVE = (Health.OK, Health.LOADING)
 
@@ -31,6 +35,7 @@ class Timers:
             where = "queued" if job.state is JobState.QUEUED else "in flight"
             state.counts["deadline_exceeded"] += 1
             self.flow.end(job, ErrorCode.DEADLINE_EXCEEDED, f"deadline passed while {where}")
+        self._check_nodes(now)
         self._check_workers(now)
         if self.flow.gateway.routed:
             self.flow.gateway.move_stalled()
@@ -45,6 +50,20 @@ class Timers:
                 if now - sent > state.worker_timeout:
                     del state.rereg_sent[ident]
         self.flow.settle()
+
+    def _check_nodes(self, now: float) -> None:
+        """A node agent silent past the worker timeout: the machine (or its network) is
+        gone, so all its workers are lost now, together, not each on its own timer."""
+        state = self.state
+        for node in state.nodes.silent(now, state.worker_timeout):
+            state.counts["nodes_down"] += 1
+            state.nodes_dirty = True
+            workers = [w for w in state.registry if w.node == node.id]
+            log.warning("node down", extra={"node": node.id, "workers": len(workers),
+                                            "silent_s": round(now - node.last_report, 3)})
+            for worker in workers:
+                self.flow.lose_worker(worker, f"node {node.id} down (no report for "
+                                              f"more than {state.worker_timeout:g}s)")
 
     def _check_workers(self, now: float) -> None:
         state = self.state

@@ -15,11 +15,20 @@ from tokenhive.broker import wire
 from tokenhive.broker.cost import cost_usd
 from tokenhive.broker.flow import JobFlow
 from tokenhive.broker.job import Job
+from tokenhive.broker.nodes import report_problem
 from tokenhive.broker.registry import Worker
 from tokenhive.broker.state import BrokerState
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, encode, worker_msg_decoder
-from tokenhive.schemas.messages import Error, Final, Goodbye, Health, Heartbeat, Ready
+from tokenhive.schemas.messages import (
+    Error,
+    Final,
+    Goodbye,
+    Health,
+    Heartbeat,
+    NodeReport,
+    Ready,
+)
 
 log = logging.getLogger("tokenhive.broker")
 
@@ -35,8 +44,9 @@ class WorkerEvents:
         self.flow = flow
         # With CURVE: worker id -> the public key (z85) that first registered it. Only that
         # key may register the id again; kept for the broker's life (a restarted worker
-        # with the same key takes its place, another key never does).
+        # with the same key takes its place, another key never does). The same for node ids.
         self.owners: dict[str, str] = {}
+        self.node_owners: dict[str, str] = {}
 
     def on_chunk(self, ident: bytes, route: bytes, body: bytes) -> None:
         """Forward a chunk body unchanged. Not decoded; only counted.
@@ -98,8 +108,27 @@ class WorkerEvents:
             self.on_ready(ident, msg, user)
         elif isinstance(msg, Heartbeat):
             self.on_heartbeat(ident, msg)
+        elif isinstance(msg, NodeReport):
+            self.on_node_report(ident, msg, user)
         else:
             self.on_goodbye(ident, msg)
+
+    def on_node_report(self, ident: bytes, report: NodeReport, user: str | None = None) -> None:
+        """A node agent's report (not answered; a refused one gets Rejected)."""
+        state = self.state
+        counter, problem = "bad_frames", report_problem(report)
+        if problem is None and user is not None:
+            owner = self.node_owners.setdefault(report.node, user)
+            if owner != user:  # another key may not speak for a registered node
+                counter, problem = ("worker_claims_refused",
+                                    f"node id {report.node!r} is registered to another key")
+        if problem is None and state.nodes.on_report(report, state.now) is None:
+            problem = "too many nodes"
+        if problem is not None:
+            self._reject(ident, counter, ErrorCode.INVALID_REQUEST, f"bad NodeReport: {problem}")
+            return
+        state.counts["node_reports"] += 1
+        state.nodes_dirty = True
 
     def on_ready(self, ident: bytes, ready: Ready, user: str | None = None) -> None:
         cap = self.state.cfg.limits.max_worker_slots
@@ -108,8 +137,9 @@ class WorkerEvents:
             else "model must not be empty" if not ready.model
             else f"slots must be >= 1, got {ready.slots}" if ready.slots < 1
             else f"slots {ready.slots} over limits.max_worker_slots {cap}" if ready.slots > cap
-            else f"worker, model and device must be at most {MAX_NAME_CHARS} characters"
-            if max(len(ready.worker), len(ready.model), len(ready.device)) > MAX_NAME_CHARS
+            else f"worker, model, device and node must be at most {MAX_NAME_CHARS} characters"
+            if max(len(ready.worker), len(ready.model), len(ready.device),
+                   len(ready.node)) > MAX_NAME_CHARS
             else f"detail must be at most {MAX_DETAIL_CHARS} characters"
             if len(ready.detail) > MAX_DETAIL_CHARS
             else None
@@ -144,6 +174,8 @@ class WorkerEvents:
             "slots": worker.slots, "health": worker.health.value, "device": worker.device,
         })
         state.dirty.add(worker.model)
+        if worker.node:
+            state.nodes_dirty = True  # its rank comes from its node (a draining one, say)
 
     def on_heartbeat(self, ident: bytes, hb: Heartbeat) -> None:
         worker = self.state.registry.get(ident)
@@ -153,6 +185,8 @@ class WorkerEvents:
         if hb.health is not worker.health:
             log.info("worker health", extra={"worker": worker.name, "health": hb.health.value,
                                              "was": worker.health.value, "detail": hb.detail})
+            if worker.node:
+                self.state.nodes_dirty = True
         worker.health = hb.health
         worker.detail = hb.detail[:MAX_DETAIL_CHARS]
         worker.memory_mb = hb.memory_mb

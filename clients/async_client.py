@@ -24,7 +24,15 @@ from tokenhive.clients.retry import RetryPolicy
 from tokenhive.clients.stream import Stream
 from tokenhive.schemas.config import DEFAULT_CLIENTS
 from tokenhive.schemas.errors import InvalidRequest
-from tokenhive.schemas.messages import Kind, MarkModelFailed, Priority, Request, StatusReply
+from tokenhive.schemas.messages import (
+    DrainNode,
+    Kind,
+    MarkModelFailed,
+    NodeStatus,
+    Priority,
+    Request,
+    StatusReply,
+)
 from tokenhive.transport import CurveKeys
 
 
@@ -143,6 +151,20 @@ class AsyncClient:
         socket, so the broker has applied it when this returns."""
         self._conn.send(MarkModelFailed(model=model, reason=reason))
         return await self.status(timeout)
+
+    async def drain_node(
+        self, node: str, drain: bool = True, timeout: float | None = None  # noqa: ASYNC109
+    ) -> NodeStatus:
+        """Stop (``drain=True``) or resume dispatching to ``node``'s workers; what already
+        runs there finishes. Returns the node as the broker shows it afterwards; raises
+        InvalidRequest when the broker knows no such node."""
+        self._conn.send(DrainNode(node=node, drain=drain))
+        status = await self.status(timeout)
+        for entry in status.nodes:
+            if entry.id == node:
+                return entry
+        known = ", ".join(n.id for n in status.nodes) or "none"
+        raise InvalidRequest(f"no node {node!r} at the broker (known: {known})")
 
     def for_agent(self, profile: str) -> AsyncClient:
         """This client under ``profile``: a light view on the same connection (closing the

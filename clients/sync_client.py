@@ -15,7 +15,7 @@ from tokenhive.clients.result import Result
 from tokenhive.clients.retry import RetryPolicy
 from tokenhive.clients.stream import Stream
 from tokenhive.schemas.config import DEFAULT_CLIENTS
-from tokenhive.schemas.messages import Chunk, Priority, Request, StatusReply
+from tokenhive.schemas.messages import Chunk, NodeStatus, Priority, Request, StatusReply
 from tokenhive.transport import CurveKeys
 
 
@@ -132,6 +132,11 @@ class Client:
 
     def status(self, timeout: float | None = None) -> StatusReply:
         return self._runner.run(self._client.status(timeout))
+
+    def drain_node(self, node: str, drain: bool = True,
+                   timeout: float | None = None) -> NodeStatus:
+        """See ``AsyncClient.drain_node``."""
+        return self._runner.run(self._client.drain_node(node, drain, timeout))
 
     def close(self) -> None:
         if self._closed:

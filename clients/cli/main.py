@@ -5,7 +5,8 @@
     tokenhive worker    just a worker            (tokenhive.workers.command)
     tokenhive chat      one chat request, streamed to the terminal
     tokenhive generate  one raw completion, streamed to the terminal
-    tokenhive status    the pool as the broker sees it
+    tokenhive status    the pool as the broker sees it, by node
+    tokenhive drain     send no new work to a node (undrain: resume)
     tokenhive batch     an OpenAI Batch API file through the pool (resumable)
     tokenhive serve     the OpenAI-compatible HTTP API (and Files/Batches) onto the pool
     tokenhive sidecar   llmkit's stdio JSON-RPC sidecar onto the pool
@@ -28,7 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("tokenhive.workers.command", "run one worker"),
     "chat": ("tokenhive.clients.cli.chat", "send a chat request; stream the answer"),
     "generate": ("tokenhive.clients.cli.chat", "send a raw completion; stream the answer"),
-    "status": ("tokenhive.clients.cli.status", "show workers, queues and counters"),
+    "status": ("tokenhive.clients.cli.status", "show nodes, workers, queues and counters"),
+    "drain": ("tokenhive.clients.cli.drain", "send no new work to a node"),
+    "undrain": ("tokenhive.clients.cli.drain", "let a drained node take work again"),
     "batch": ("tokenhive.clients.cli.batch", "run an OpenAI Batch API JSONL file"),
     "serve": ("tokenhive.clients.http.command", "serve the OpenAI-compatible HTTP API"),
     "sidecar": ("tokenhive.clients.sidecar.command", "the llmkit stdio JSON-RPC sidecar"),

@@ -20,7 +20,7 @@ from tokenhive.clients.cli.common import (
 from tokenhive.clients.cli.target import CONNECT_TIMEOUT, NoBrokerAnswers, probe_broker
 from tokenhive.schemas.config import DEFAULT_CLIENTS
 from tokenhive.schemas.errors import BrokerUnavailable, TokenHiveError
-from tokenhive.schemas.messages import StatusReply
+from tokenhive.schemas.messages import NodeStatus, StatusReply, WorkerStatus
 
 COLUMNS = ("worker", "model", "backend", "health", "slots", "free", "in-flight", "served",
            "failed", "latency ms", "seen s", "device")
@@ -62,20 +62,53 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def render(status: StatusReply, address: str) -> str:
-    rows: list[tuple[str, ...]] = [
-        (w.id, w.model, w.backend, w.health, str(w.slots), str(w.free_slots), str(w.in_flight),
-         str(w.served), str(w.failed), f"{w.latency_ms:.1f}", f"{w.last_seen_s:.1f}", w.device)
-        for w in status.workers
-    ]
     lines = [f"broker {address}: up {status.uptime_s:.0f}s, {len(status.workers)} workers, "
              f"{status.in_flight} in flight"]
-    lines += table(COLUMNS, rows) if rows else ["(no workers registered)"]
+    if not status.workers:
+        lines.append("(no workers registered)")
+    nodes = {n.id: n for n in status.nodes}
+    for node_id in sorted({w.node for w in status.workers} | set(nodes)):
+        workers = [w for w in status.workers if w.node == node_id]
+        if node_id:
+            lines.append(node_line(nodes[node_id]) if node_id in nodes else f"node {node_id}")
+        elif nodes:
+            lines.append("no node")
+        if workers:
+            lines += ["  " + line if node_id or nodes else line
+                      for line in table(COLUMNS, [worker_row(w) for w in workers])]
     queued = ", ".join(f"{m}={n}" for m, n in sorted(status.queues.items())) or "none"
     lines.append(f"queue depth: {queued}")
     counters = ", ".join(f"{k}={v}" for k, v in status.counters.items() if v) or "all zero"
     lines.append(f"counters: {counters}")
     lines += gateway_lines(status)
     return "\n".join(lines) + "\n"
+
+
+def worker_row(w: WorkerStatus) -> tuple[str, ...]:
+    return (w.id, w.model, w.backend, w.health, str(w.slots), str(w.free_slots),
+            str(w.in_flight), str(w.served), str(w.failed), f"{w.latency_ms:.1f}",
+            f"{w.last_seen_s:.1f}", w.device)
+
+
+def node_line(node: NodeStatus) -> str:
+    """``node gpu-1 (host a): ok, draining; 2 GPUs, 12.5/160.0 GiB used; ...``"""
+    parts = [node.health.value]
+    if node.draining:
+        parts.append("draining")
+    if node.detail:
+        parts.append(node.detail)
+    if node.gpus:
+        used = sum(g.memory_used_mb for g in node.gpus) / 1024
+        total = sum(g.memory_total_mb for g in node.gpus) / 1024
+        names = sorted({g.name for g in node.gpus if g.name})
+        gpus = f"{len(node.gpus)} GPUs" + (f" ({', '.join(names)})" if names else "")
+        if total:
+            gpus += f", {used:.1f}/{total:.1f} GiB used"
+        parts.append(gpus)
+    elif node.agent:
+        parts.append("no GPUs")
+    host = f" ({node.host})" if node.host and node.host != node.id else ""
+    return f"node {node.id}{host}: " + "; ".join(parts)
 
 
 def gateway_lines(status: StatusReply) -> list[str]:
