@@ -3,6 +3,7 @@
     tokenhive up        a broker and workers from a pool file or flags, until Ctrl-C
     tokenhive broker    just a broker            (tokenhive.broker.command)
     tokenhive worker    just a worker            (tokenhive.workers.command)
+    tokenhive node      a machine's GPU workers, joined to a broker (tokenhive.clients.node)
     tokenhive chat      one chat request, streamed to the terminal
     tokenhive generate  one raw completion, streamed to the terminal
     tokenhive status    the pool as the broker sees it, by node
@@ -27,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("tokenhive.clients.cli.up", "run a broker and its workers (a whole pool)"),
     "broker": ("tokenhive.broker.command", "run a broker"),
     "worker": ("tokenhive.workers.command", "run one worker"),
+    "node": ("tokenhive.clients.node.command",
+             "run this machine's workers (one per GPU) joined to a broker"),
     "chat": ("tokenhive.clients.cli.chat", "send a chat request; stream the answer"),
     "generate": ("tokenhive.clients.cli.chat", "send a raw completion; stream the answer"),
     "status": ("tokenhive.clients.cli.status", "show nodes, workers, queues and counters"),
