@@ -53,7 +53,8 @@ class BrokerServer:
         self._monitors: list[zmq.Socket[bytes]] = []
         self._handshake_failures = 0
         if curve is not None:
-            self.authenticator = transport.CurveAuthenticator(self.ctx, curve.allow)
+            self.authenticator = transport.CurveAuthenticator(self.ctx, curve.allow,
+                                                            curve.keys.public)
             self.authenticator.start()
         keyed = curve.allow if curve is not None else {}
         client_keys = curve.keys if curve is not None and CLIENTS_DOMAIN in keyed else None

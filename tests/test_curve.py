@@ -305,3 +305,50 @@ def test_keyed_client_side_with_plain_ipc_workers(tmp_path: Path, keys: Keys) ->
             run(scenario())
         finally:
             worker.stop()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(90)
+def test_up_with_keys_starts_its_keyed_workers_and_readiness_client(tmp_path: Path,
+                                                                    keys: Keys) -> None:
+    """`tokenhive up` with both sides keyed on tcp: its own workers and its readiness client
+    connect with the broker's own key pair (always allowed), so it reports ready; an allowed
+    client is served, an unlisted key is refused; its workers name this host as their node."""
+    import socket as socket_module
+    clients, workers = free_port(), free_port()
+    up = subprocess.Popen(
+        [*CLI, "up", "--backend", "echo", "--model", "echo", "--workers", "2",
+         "--clients", f"tcp://127.0.0.1:{clients}", "--worker-endpoint",
+         f"tcp://127.0.0.1:{workers}", "--curve-secret-key", keys.secret("broker"),
+         "--curve-allow", str(keys.allow), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout is not None
+        lines = []
+        for line in up.stdout:  # ends at EOF if up dies; the timeout bounds a hang
+            lines.append(line)
+            if "workers ready" in line:
+                break
+        assert any("workers ready" in line for line in lines), (lines, up.stderr)
+
+        async def scenario() -> None:
+            address = f"tcp://127.0.0.1:{clients}"
+            async with AsyncClient(address, model="echo", curve=keys.client()) as client:
+                status = await client.status(timeout=5)
+                assert sorted(w.node for w in status.workers) == [socket_module.gethostname()] * 2
+                assert (await client.chat("keyed up", max_tokens=8, timeout=20)).text == \
+                    "keyed up"
+                async with AsyncClient(address, model="echo",
+                                       curve=keys.client("rogue")) as rogue:
+                    with pytest.raises(BrokerUnavailable):
+                        await rogue.status(timeout=1.5)
+        run(scenario())
+    finally:
+        up.terminate()
+        assert up.wait(timeout=30) == 0

@@ -118,18 +118,41 @@ class CurveAuthenticator(ThreadAuthenticator):
     ZAP domain (the broker's worker and client sockets each name theirs). A peer that
     passes gets its public key (z85) as the User-Id of every message it sends, which the
     broker reads to bind a worker id to the key that registered it (refusals are counted
-    from the sockets' handshake events, ``watch_handshakes``)."""
+    from the sockets' handshake events, ``watch_handshakes``).
 
-    def __init__(self, context: zmq.Context[Any], allow: Mapping[str, str]) -> None:
+    The directory is read at each handshake, so a key removed from it is refused from the
+    next connection on, without a restart. ``own_public`` (the broker's own public key) is
+    always allowed: whoever holds the broker's secret key file runs the broker anyway, and
+    that is how ``tokenhive up`` keys its own workers and its own readiness client."""
+
+    def __init__(self, context: zmq.Context[Any], allow: Mapping[str, str],
+                 own_public: bytes | None = None) -> None:
         super().__init__(context, log=logging.getLogger("tokenhive.auth"))
         self._allow = dict(allow)
+        self._own = own_public
 
     def start(self) -> None:
         for domain, directory in self._allow.items():
             if not Path(directory).is_dir():
                 raise CurveKeyError(f"CURVE allow-list {directory!r} is not a directory")
-            self.configure_curve(domain=domain, location=directory)
+            self.configure_curve_callback(domain, _AllowList(directory, self._own))
         super().start()
+
+
+class _AllowList:
+    """A ZAP credentials provider: the keys in ``directory`` now, plus ``own``."""
+
+    def __init__(self, directory: str, own: bytes | None) -> None:
+        self.directory = directory
+        self.own = own
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if self.own is not None and key == self.own:
+            return True
+        try:
+            return bool(zmq.auth.load_certificates(self.directory).get(key))
+        except OSError:  # the directory went away: nobody but ourselves
+            return False
 
 
 def watch_handshakes(sock: zmq.Socket[Any], name: str) -> zmq.Socket[Any]:

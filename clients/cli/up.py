@@ -38,6 +38,7 @@ from tokenhive.clients.pool.pool import PoolProcesses
 from tokenhive.clients.pool.supervisor import State
 from tokenhive.schemas.config import DEFAULT_WORKERS, PoolConfig
 from tokenhive.schemas.errors import TokenHiveError
+from tokenhive.transport import CurveKeyError
 
 log = logging.getLogger("tokenhive.up")
 
@@ -52,21 +53,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for workers before reporting them not ready")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="on stop, seconds workers get to finish in-flight work")
+    keys = parser.add_argument_group(
+        "CURVE keys (files, never key material; override [broker] in the pool file)")
+    for flag, help_text in CURVE_FLAGS.items():
+        keys.add_argument(flag, metavar="FILE" if flag.endswith("key") else "DIR",
+                          default=None, help=help_text)
+    keys.add_argument("--insecure", action="store_true", default=None,
+                      help="allow a non-loopback tcp bind without CURVE keys")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                         help="logs on stderr at this level (default: the config's, else info)")
     add_log_format(parser)
 
 
+CURVE_FLAGS = {
+    "--curve-secret-key": "the broker's *.key_secret: keys the sides that have an allow-list; "
+                          "this pool's own workers and readiness client use it too",
+    "--curve-allow": "DIR of allowed public *.key files, for workers and clients",
+    "--curve-allow-clients": "DIR of clients' allowed public *.key files",
+    "--curve-allow-workers": "DIR of workers' allowed public *.key files",
+}
+
+
+def with_curve(config: PoolConfig, args: argparse.Namespace) -> PoolConfig:
+    """The CURVE flags given, over the pool file's [broker] settings."""
+    given = {name: getattr(args, name) for name in (
+        "curve_secret_key", "curve_allow", "curve_allow_clients", "curve_allow_workers",
+        "insecure") if getattr(args, name, None) is not None}
+    if not given:
+        return config
+    return msgspec.structs.replace(config, broker=msgspec.structs.replace(config.broker,
+                                                                          **given))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = with_broker(pool_config_from_args(args), args.clients, args.worker_endpoint)
+        config = with_curve(config, args)
     except ConfigError as exc:
         print(f"tokenhive up: {exc}", file=sys.stderr)
         return EXIT_USAGE
     level = args.log_level or config.log_level
     with tempfile.TemporaryDirectory(prefix="tokenhive-up-") as run_dir:
         config = with_private_worker_socket(config, Path(run_dir))
-        processes = PoolProcesses(config, run_dir=Path(run_dir), log_level=level)
+        try:
+            processes = PoolProcesses(config, run_dir=Path(run_dir), log_level=level)
+        except CurveKeyError as exc:
+            print(f"tokenhive up: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return run_async(_serve(processes, args), level)
 
 
@@ -106,7 +139,7 @@ async def _serve(processes: PoolProcesses, args: argparse.Namespace) -> int:
 
 
 async def _announce_ready(processes: PoolProcesses, address: str, args: argparse.Namespace) -> None:
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, curve=processes.client_curve) as client:
         try:
             await processes.wait_workers(client, args.ready_timeout)
         except TokenHiveError as exc:

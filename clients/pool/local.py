@@ -40,7 +40,7 @@ async def local_pool(
         )
         try:
             endpoints = await processes.start()
-            async with AsyncClient(endpoints.clients) as probe:
+            async with AsyncClient(endpoints.clients, curve=processes.client_curve) as probe:
                 await processes.wait_workers(probe, ready_timeout)
             models = list(dict.fromkeys(spec.model for spec in config.workers))
             yield LocalPool(address=endpoints.clients, models=models, run_dir=Path(run_dir),

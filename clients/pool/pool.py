@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.pool.supervisor import ProcessSpec, Replica, State, Supervisor
 from tokenhive.schemas.config import AnyWorkerSpec, BrokerConfig, PoolConfig
 from tokenhive.schemas.errors import BrokerUnavailable, ModelLoadFailed, TokenHiveError
+from tokenhive.transport import CurveKeys, load_curve_keys
 
 READY_HEALTH = ("ok", "degraded")
 
@@ -42,13 +44,27 @@ def broker_stdin(config: BrokerConfig) -> bytes:
     return msgspec.json.encode(config)
 
 
-def worker_argv(broker: str, log_level: str) -> list[str]:
+def worker_argv(broker: str, log_level: str, curve_key_file: str = "") -> list[str]:
     """The worker command line; the spec itself goes to stdin (``worker_stdin``), because
-    argv is readable by every user in /proc/*/cmdline and a spec may carry headers and env."""
-    return [
+    argv is readable by every user in /proc/*/cmdline and a spec may carry headers and env.
+    ``curve_key_file``: the broker's own ``*.key_secret``, when its worker side is keyed
+    (its own key is always allowed; the file holds the server's public key too)."""
+    argv = [
         sys.executable, "-m", "tokenhive.workers", "--broker", broker,
         "--spec-json", "-", "--log-level", log_level,
     ]
+    if curve_key_file:
+        argv += ["--curve-secret-key", curve_key_file, "--curve-server-key", curve_key_file]
+    return argv
+
+
+def own_curve(broker: BrokerConfig, side: str) -> CurveKeys | None:
+    """For the processes a pool runs itself, on a keyed ``side`` ("clients" or "workers"):
+    the broker's own key pair, both as our key and as the server key. None when unkeyed."""
+    allow = broker.curve_allow_clients if side == "clients" else broker.curve_allow_workers
+    if not broker.curve_secret_key or not (allow or broker.curve_allow):
+        return None
+    return load_curve_keys(broker.curve_secret_key, broker.curve_secret_key)
 
 
 def worker_stdin(spec: AnyWorkerSpec) -> bytes:
@@ -85,6 +101,12 @@ class PoolProcesses:
         self.broker: Replica | None = None
         self.workers: list[tuple[AnyWorkerSpec, Replica]] = []
         self.endpoints: Endpoints | None = None
+        # keyed sides: what our own readiness client and workers connect with
+        self.client_curve = own_curve(config.broker, "clients")
+        self._worker_key = (config.broker.curve_secret_key
+                            if own_curve(config.broker, "workers") is not None else "")
+        # `tokenhive up` is one host: its workers report it as their node
+        self.node = socket.gethostname()
 
     async def start(self, ready_timeout: float = 30.0) -> Endpoints:
         """Start the broker, wait until it is bound, then start every worker replica."""
@@ -98,8 +120,9 @@ class PoolProcesses:
             for i, (replica_spec, env) in enumerate(replica_specs(spec)):
                 name = f"worker[{spec_index}.{i}]:{spec.model}"
                 replica = self.supervisor.start(ProcessSpec(
-                    name=name, argv=worker_argv(self.endpoints.workers, self.log_level),
-                    env=env, stdin=worker_stdin(replica_spec),
+                    name=name,
+                    argv=worker_argv(self.endpoints.workers, self.log_level, self._worker_key),
+                    env={"TOKENHIVE_NODE": self.node, **env}, stdin=worker_stdin(replica_spec),
                     ready_file=str(self.run_dir / f"worker-{spec_index}.{i}.ready"),
                 ))
                 self.workers.append((spec, replica))
@@ -149,7 +172,7 @@ class PoolProcesses:
 
     async def _report_failed(self, address: str, model: str, reason: str) -> None:
         try:
-            async with AsyncClient(address) as client:
+            async with AsyncClient(address, curve=self.client_curve) as client:
                 await client.mark_model_failed(model, reason, timeout=5.0)
         except TokenHiveError:  # the broker is gone too: nothing left to tell
             pass
