@@ -30,6 +30,7 @@ import zmq.utils.monitor
 from tokenhive import transport
 from tokenhive.broker.auth import CLIENTS_DOMAIN, WORKERS_DOMAIN, broker_curve
 from tokenhive.broker.core import BrokerCore
+from tokenhive.broker.packs import on_pack
 from tokenhive.broker.sink import FULL, GONE, SENT
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.frames import VERSION_FRAME
@@ -39,6 +40,7 @@ log = logging.getLogger("tokenhive.broker")
 
 BATCH = 2000  # messages per socket per wake-up before yielding to timers and the other socket
 _ROUTE_CHUNK_BYTE = ord("c")
+_ROUTE_PACK_BYTE = ord("p")
 
 
 class BrokerServer:
@@ -152,6 +154,7 @@ class BrokerServer:
         recv = self._recv_worker
         core = self.core
         on_chunk = core.on_chunk
+        state = core.state
         version = VERSION_FRAME
         keyed = self._keyed_workers
         user: str | None = None
@@ -164,12 +167,19 @@ class BrokerServer:
             except zmq.Again:
                 return False
             try:
-                # Hot path: a chunk of a known request is one dict lookup and one send.
+                # Hot path: a chunk of a known request is one dict lookup and one send; a
+                # pack (several requests' chunks for one client) one lookup per chunk and
+                # one send (broker/packs.py).
                 if len(frames) == 4 and frames[1] == version:
                     route = frames[2]
-                    if route and route[0] == _ROUTE_CHUNK_BYTE:
-                        on_chunk(frames[0], route, frames[3])
-                        continue
+                    if route:
+                        tag = route[0]
+                        if tag == _ROUTE_CHUNK_BYTE:
+                            on_chunk(frames[0], route, frames[3])
+                            continue
+                        if tag == _ROUTE_PACK_BYTE:
+                            on_pack(state, frames[0], route, frames[3])
+                            continue
                 core.on_worker_frames(frames, user)
             except Exception:  # a bug must not take the broker down for everyone
                 core.counts["internal_errors"] += 1

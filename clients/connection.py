@@ -32,6 +32,7 @@ from tokenhive.schemas.messages import (
     ClientMsg,
     Error,
     Final,
+    Pack,
     Ping,
     Pong,
     StatusQuery,
@@ -303,6 +304,16 @@ class Connection:
                 log.debug("message for unknown request", extra={"request_id": msg.id})
             else:
                 inbox.put(msg)
+        elif isinstance(msg, Pack):
+            # Several requests' chunks of one worker step: each as if it came alone. A member
+            # for an id no longer waited for (cancelled meanwhile) is normal: dropped quietly.
+            streams = self._streams
+            for chunk in msg.chunks:
+                inbox = streams.get(chunk.id)
+                if inbox is None:
+                    self.stats.unknown_id += 1
+                else:
+                    inbox.put(chunk)
         elif isinstance(msg, StatusReply):
             while self._status_waiters:
                 waiter = self._status_waiters.popleft()

@@ -8,7 +8,10 @@ so a stalled backend never holds text back longer than the window.
 Counting: a chunk is counted in ``sent`` when it is handed to the socket queue, and a queued
 send is never withdrawn (waits on it are shielded), so ``sent`` is exactly the number of chunks
 the broker will see before the terminal message, which is what Final.chunks and
-Error.chunks_sent promise.
+Error.chunks_sent promise. With packing on (``link.packer``), a chunk is handed to the link's
+``ChunkPacker`` instead, which sends it at the end of the loop turn together with the same
+client's other chunks; a held chunk is never withdrawn either (packer.py), so the count stays
+exact.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from tokenhive.workers.link import BrokerLink
 
 
 class ChunkStream:
-    def __init__(self, link: BrokerLink, key: bytes, request_id: str, window_s: float) -> None:
+    def __init__(self, link: BrokerLink, key: bytes, request_id: str, window_s: float,
+                 client: bytes = b"") -> None:
         self._link = link
+        self._key = key
+        self._client = client  # Dispatch.client: chunks for the same client may share a Pack
         self._route = ROUTE_CHUNK + key
         self._id = request_id
         self._window = window_s
@@ -87,7 +93,11 @@ class ChunkStream:
         self.cumulative += tokens
         body = encode(Chunk(self._id, self.sent, text, tokens, tool_calls=tool_calls,
                             cumulative_tokens=self.cumulative))
-        waiting = self._link.send([VERSION_FRAME, self._route, body])
+        link = self._link
+        if link.packer is None:
+            waiting = link.send([VERSION_FRAME, self._route, body])
+        else:
+            waiting = link.send_packed(self._key, self._client, body)
         if waiting is not None:
             self._last = waiting
         self.sent += 1

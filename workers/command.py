@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="our CURVE key pair (a *.key_secret file) for a keyed broker")
     parser.add_argument("--curve-server-key", metavar="FILE",
                         help="the broker's public CURVE key (a *.key file)")
+    parser.add_argument("--pack-chunks", action="store_true", default=None,
+                        help="send the chunks of one decode step that go to the same client "
+                        "as one message (far fewer broker messages for batch clients)")
     parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="any other spec field of the backend (repeatable)")
     parser.add_argument("--spec-json",
@@ -108,7 +111,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
     """The WorkerConfig a command line describes; ConfigError / ValidationError if none."""
     raw: dict[str, Any] = {"spec": build_spec(args)}
     for flag in ("broker", "heartbeat_interval", "heartbeat_liveness", "reconnect_max",
-                 "drain_timeout", "curve_secret_key", "curve_server_key"):
+                 "drain_timeout", "curve_secret_key", "curve_server_key", "pack_chunks"):
         value = getattr(args, flag)
         if value is not None:
             raw[flag] = value
@@ -144,7 +147,10 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: WorkerConfig) -> int:
-    return await WorkerRuntime(config).run()
+    runtime = WorkerRuntime(config)
+    if config.pack_chunks:
+        runtime.link.enable_packing()
+    return await runtime.run()
 
 
 def run(args: argparse.Namespace) -> int:

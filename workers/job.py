@@ -45,7 +45,8 @@ class Job:
         self.backend = backend
         self.worker_id = worker_id
         self.kinds = kinds
-        self.chunks = ChunkStream(link, dispatch.key, dispatch.request.id, coalesce_s)
+        self.chunks = ChunkStream(link, dispatch.key, dispatch.request.id, coalesce_s,
+                                  client=dispatch.client)
         self.received = time.monotonic()
         self.first_token: float | None = None
         self.cancel_reason: ErrorCode | None = None

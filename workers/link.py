@@ -30,6 +30,11 @@ look again on the next loop turn. A send that would block (no connection yet, or
 high-water mark reached) is kept in a backlog, in order, and later sends queue behind it
 until it drains; the caller gets a future for it, which is how backpressure and "wait for
 the connection" work.
+
+Packing (``enable_packing``, ``WorkerConfig.pack_chunks``): chunks go through ``send_packed``
+into a ``ChunkPacker`` (packer.py) that sends one turn's chunks per client as one message.
+Every other send (``send``, ``send_or_drop``: terminals, Ready, heartbeats) flushes it first,
+so nothing overtakes a chunk that was made before it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import zmq
 
 from tokenhive import transport
 from tokenhive.transport import EVENTS, POLLIN, POLLOUT, recv_message, send_message
+from tokenhive.workers.packer import ChunkPacker
 
 log = logging.getLogger("tokenhive.worker.link")
 
@@ -82,6 +88,8 @@ class BrokerLink:
             collections.deque())
         self._poke_pending = False
         self.opened = 0  # sockets opened so far: 1 is the first connection, more are reconnects
+        # Set by enable_packing: chunks wait there for the end of the loop turn.
+        self.packer: ChunkPacker | None = None
 
     @property
     def is_open(self) -> bool:
@@ -103,10 +111,17 @@ class BrokerLink:
         self.opened += 1
         self._poke()
 
+    def enable_packing(self) -> None:
+        """From now on, ``send_packed`` groups chunks per client and loop turn (packer.py)."""
+        if self.packer is None:
+            self.packer = ChunkPacker(self._enqueue, self._is_blocked)
+
     def close(self, linger_ms: int = 0) -> None:
-        """Close the socket; sends still in the backlog are cancelled."""
+        """Close the socket; sends still in the backlog (or held for packing) are cancelled."""
         if self._sock is None:
             return
+        if self.packer is not None:
+            self.packer.drop()
         asyncio.get_running_loop().remove_reader(self._fd)
         while self._backlog:
             self._backlog.popleft()[1].cancel()
@@ -121,11 +136,30 @@ class BrokerLink:
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, frames: list[bytes]) -> asyncio.Future[None] | None:
-        """Send ``frames`` in order with every earlier send.
+        """Send ``frames`` in order with every earlier send (chunks held for packing first).
 
         Returns None when the message went straight to the socket, else a future that
         completes when it does (cancel it to withdraw the message).
         """
+        packer = self.packer
+        if packer is not None and packer.pending:
+            if self._raw is None:
+                raise LinkDown("no broker socket")
+            packer.flush()
+        return self._enqueue(frames)
+
+    def send_packed(self, key: bytes, client: bytes, body: bytes) -> asyncio.Future[None] | None:
+        """Hold a chunk for the request with routing key ``key`` of ``client`` until the end of
+        this loop turn (``enable_packing`` first); a future while the socket is backed up."""
+        if self._raw is None:
+            raise LinkDown("no broker socket")
+        assert self.packer is not None
+        return self.packer.add(key, client, body)
+
+    def _is_blocked(self) -> bool:
+        return bool(self._backlog)
+
+    def _enqueue(self, frames: list[bytes]) -> asyncio.Future[None] | None:
         io = self._raw
         if io is None:
             raise LinkDown("no broker socket")
@@ -144,6 +178,9 @@ class BrokerLink:
 
     def send_or_drop(self, frames: list[bytes]) -> bool:
         """Send now or not at all (no connection / pipe full): for periodic messages."""
+        packer = self.packer
+        if packer is not None and packer.pending and self._raw is not None:
+            packer.flush()
         io = self._raw
         if io is None or self._backlog:
             return False

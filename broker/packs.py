@@ -1,0 +1,119 @@
+"""Packs: several requests' chunks of one decode step, for one client, in one worker message.
+
+A packing worker (``workers/packer.py``) sends ``[VERSION, b"p" + key1 + key2 + ..., body]``
+where ``body`` is the msgpack of ``Pack`` holding one chunk per key, in the keys' order. The
+broker does for each key exactly what ``WorkerEvents.on_chunk`` does for one chunk (first
+chunk time, counts, the worker's liveness) and forwards the body once, unchanged, to the
+client: one dict lookup per chunk and one send per pack.
+
+Rules, so a pack never carries more than a chunk would:
+
+* The route must be ``b"p"`` and a whole number (1 to ``MAX_PACK_KEYS``) of 8-byte keys;
+  anything else is a bad frame: counted and answered with Rejected, nothing forwarded.
+* A key that is not in flight on this worker (the request was answered meanwhile, or it is
+  another worker's) is a late chunk, as in ``on_chunk``: counted, and its chunk is not
+  forwarded. Since the body is then no longer what the client may see, it is decoded and
+  re-encoded without those chunks (rare: only after a cancel, deadline or requeue).
+* Every live key must belong to the same client, else the whole pack is a bad frame.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tokenhive.broker import wire
+from tokenhive.broker.inflight import KEY_BYTES
+from tokenhive.broker.job import Job
+from tokenhive.broker.state import BrokerState
+from tokenhive.schemas.errors import ErrorCode
+from tokenhive.schemas.frames import ROUTE_CHUNK, encode
+from tokenhive.schemas.messages import Pack
+
+# A worker packs at most 64 chunks; a route this long is garbage, not a pack.
+MAX_PACK_KEYS = 1024
+
+_pack_decoder = msgspec.msgpack.Decoder(Pack)
+
+
+def on_pack(state: BrokerState, ident: bytes, route: bytes, body: bytes) -> None:
+    """Forward a pack's body to its client (see the module docstring); ``state.now`` is
+    fresh (the socket loop touched it), follow-ups are left for ``settle``."""
+    n, rest = divmod(len(route) - 1, KEY_BYTES)
+    if rest or not 0 < n <= MAX_PACK_KEYS:
+        _reject(state, ident, f"bad pack route: {len(route) - 1} key bytes is not 1 to "
+                f"{MAX_PACK_KEYS} keys of {KEY_BYTES} bytes")
+        return
+    by_route = state.inflight.by_chunk_route
+    jobs: list[Job | None] = []
+    client = b""
+    worker = None
+    live = 0
+    for start in range(1, len(route), KEY_BYTES):
+        job = by_route.get(ROUTE_CHUNK + route[start:start + KEY_BYTES])
+        if job is None or job.worker_ident != ident:
+            jobs.append(None)
+            continue
+        if client != job.client:
+            if client:
+                _reject(state, ident, "a pack holds chunks of one client only")
+                return
+            client = job.client
+            worker = job.worker
+        jobs.append(job)
+        live += 1
+    if live < n:
+        state.counts["late_chunks"] += n - live
+        if not live:
+            if state.registry.get(ident) is None:
+                _reregister(state, ident)
+            return
+        pruned = _without_dead(body, jobs)
+        if pruned is None:
+            _reject(state, ident, f"pack body does not hold the {n} chunks its route names")
+            return
+        body = pruned
+    now = state.now
+    for job in jobs:
+        if job is not None:
+            if not job.chunks:
+                job.first_at = now
+            job.chunks += 1
+            # metrics: the per-chunk gap observation of WorkerEvents.on_chunk goes here
+    state.chunks += live
+    if worker is not None:  # in flight => it has one
+        worker.last_seen = now
+    if live > 1:
+        state.counts["packs"] += 1
+    rc = state.sink.to_client(client, body)
+    if rc:
+        state.client_trouble(client, rc)
+
+
+def _without_dead(body: bytes, jobs: list[Job | None]) -> bytes | None:
+    """The body again, without the chunks whose key is dead: a Pack of the live ones, or
+    the one live Chunk alone. None when the body does not match the route."""
+    try:
+        pack = _pack_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if len(pack.chunks) != len(jobs):
+        return None
+    kept = [chunk for chunk, job in zip(pack.chunks, jobs, strict=True) if job is not None]
+    return encode(kept[0]) if len(kept) == 1 else encode(Pack(chunks=kept))
+
+
+def _reject(state: BrokerState, ident: bytes, message: str) -> None:
+    """A bad frame: counted and told to the worker, as ``WorkerEvents._reject`` does."""
+    state.counts["bad_frames"] += 1
+    state.send_worker_ident(ident, wire.rejected_body(ErrorCode.INVALID_REQUEST, message))
+
+
+def _reregister(state: BrokerState, ident: bytes) -> None:
+    """An unknown worker streams: ask it for Ready, at most once per heartbeat interval
+    (the rule of ``WorkerEvents._reregister``, over the same ``state.rereg_sent``)."""
+    sent = state.rereg_sent.get(ident)
+    if sent is not None and state.now - sent < state.cfg.heartbeat_interval:
+        return
+    state.rereg_sent[ident] = state.now
+    state.counts["reregister_sent"] += 1
+    state.send_worker_ident(ident, wire.REREGISTER)
