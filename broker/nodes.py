@@ -35,13 +35,14 @@ MAX_NODE_TEXT = 256  # node id, host, GPU names and worker ids
 
 class Node:
     __slots__ = ("agent", "detail", "draining", "failed", "gpus", "health", "host", "id",
-                 "last_report", "reported", "restarting", "stopping")
+                 "last_report", "lost", "reported", "restarting", "stopping")
 
     def __init__(self, node_id: str) -> None:
         self.id = node_id
         self.host = ""
         self.agent = False  # an agent has reported it
         self.last_report = 0.0
+        self.lost = False  # its reports stopped and its workers were dropped (until the next)
         self.gpus: list[GpuInfo] = []
         self.reported: list[str] = []  # worker ids the agent says it runs
         self.failed: list[str] = []
@@ -88,6 +89,7 @@ class NodeBook:
                 return None
             node = self.nodes[report.node] = Node(report.node)
         node.agent = True
+        node.lost = False
         node.last_report = now
         node.host = report.host
         node.gpus = report.gpus
@@ -98,9 +100,9 @@ class NodeBook:
         return node
 
     def silent(self, now: float, timeout: float) -> list[Node]:
-        """Agent nodes whose reports stopped for ``timeout`` and are not yet marked down."""
+        """Agent nodes whose reports stopped for ``timeout``, not yet handled as lost."""
         return [n for n in self.nodes.values()
-                if n.agent and n.health is not NodeHealth.DOWN and now - n.last_report > timeout]
+                if n.agent and not n.lost and now - n.last_report > timeout]
 
     def refresh(self, workers: Iterable[Worker], now: float, timeout: float) -> set[str]:
         """Recompute every node's health from its reports and its workers, and each worker's

@@ -56,6 +56,7 @@ class Timers:
         gone, so all its workers are lost now, together, not each on its own timer."""
         state = self.state
         for node in state.nodes.silent(now, state.worker_timeout):
+            node.lost = True
             state.counts["nodes_down"] += 1
             state.nodes_dirty = True
             workers = [w for w in state.registry if w.node == node.id]
