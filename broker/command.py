@@ -3,8 +3,10 @@
 Every BrokerConfig field has a flag (``queue_size`` -> ``--queue-size``); flags left out
 keep the config defaults. Once both sockets are bound the broker logs "broker ready" with
 the actual endpoints (tcp port 0 picks a free port) and, with ``--ready-file``, writes
-``{"clients": ..., "workers": ..., "pid": ...}`` there atomically, which is what tests and
-``tokenhive up`` wait for.
+``{"clients": ..., "workers": ..., "pid": ..., "metrics": ...}`` there atomically, which is
+what tests and ``tokenhive up`` wait for. With ``--metrics HOST:PORT`` the broker also serves
+Prometheus text on ``http://HOST:PORT/metrics`` (broker/metrics_http.py), from its own event
+loop; ``metrics`` in the ready file is the bound ``HOST:PORT`` ("" when off).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from pathlib import Path
 import msgspec
 import uvloop
 import zmq
+from prometheus_client import generate_latest
 
 from tokenhive.broker.auth import curve_problems
 from tokenhive.broker.loop import BrokerServer
+from tokenhive.broker.metrics_collect import broker_registry
+from tokenhive.broker.metrics_http import MetricsServer, metrics_problems
 from tokenhive.broker.validate import config_problems
 from tokenhive.logs import configure_logging
 from tokenhive.schemas.config import BrokerConfig
@@ -57,6 +62,8 @@ _HELP = {
     "curve_allow_workers": "DIR of workers' allowed public *.key files (instead of --curve-allow)",
     "curve_allow_clients": "DIR of clients' allowed public *.key files (instead of --curve-allow)",
     "insecure": "allow a non-loopback tcp bind without CURVE keys",
+    "metrics": "HOST:PORT to serve Prometheus metrics on (http://HOST:PORT/metrics); a bare "
+               "PORT or :PORT binds loopback, port 0 picks a free one; empty: off",
 }
 
 
@@ -106,17 +113,27 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         if getattr(args, f.name, None) is not None
     })
     cfg = msgspec.convert(given, BrokerConfig)
-    problems = config_problems(cfg) + curve_problems(cfg)
+    problems = config_problems(cfg) + curve_problems(cfg) + metrics_problems(cfg.metrics)
     if problems:
         raise ValueError("; ".join(problems))
     return cfg
 
 
-def write_ready_file(path: Path, clients: str, workers: str) -> None:
+def write_ready_file(path: Path, clients: str, workers: str, metrics: str = "") -> None:
     """Atomically: readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"clients": clients, "workers": workers, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"clients": clients, "workers": workers, "pid": os.getpid(),
+                               "metrics": metrics}))
     os.replace(tmp, path)
+
+
+async def start_metrics(server: BrokerServer, address: str) -> tuple[MetricsServer, str]:
+    """The /metrics endpoint over the broker's state, in this (the broker's) event loop;
+    returns it and its bound HOST:PORT. OSError if the address cannot be bound."""
+    core = server.core
+    registry = broker_registry(core.status, core.state.metrics)
+    metrics = MetricsServer(lambda: generate_latest(registry))
+    return metrics, await metrics.start(address)
 
 
 async def serve(cfg: BrokerConfig, ready_file: Path | None = None) -> int:
@@ -133,18 +150,29 @@ async def serve(cfg: BrokerConfig, ready_file: Path | None = None) -> int:
                                         "error": str(exc)})
         server.close(linger_ms=0)
         return 1
+    metrics: MetricsServer | None = None
+    metrics_at = ""
+    if cfg.metrics:
+        try:
+            metrics, metrics_at = await start_metrics(server, cfg.metrics)
+        except OSError as exc:
+            log.error("cannot bind metrics", extra={"metrics": cfg.metrics, "error": str(exc)})
+            server.close(linger_ms=0)
+            return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("broker ready", extra={"clients": clients, "workers": workers, "pid": os.getpid(),
-                                    "balancer": cfg.balancer,
+                                    "balancer": cfg.balancer, "metrics": metrics_at,
                                     "curve": server.authenticator is not None})
     if ready_file is not None:
-        write_ready_file(ready_file, clients, workers)
+        write_ready_file(ready_file, clients, workers, metrics_at)
     try:
         await server.serve(stop)
     finally:
+        if metrics is not None:
+            await metrics.close()
         server.close()
     log.info("broker stopped", extra={"counters": server.core.status().counters})
     return 0

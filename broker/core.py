@@ -200,6 +200,7 @@ class BrokerCore:
             admitted = self.flow.gateway.admit(request)  # profile, budget, group/fallbacks
             if isinstance(admitted, admission.Refusal):
                 state.counts[admitted.counter] += 1
+                self._refused_metric(request.model, admitted.error.code)
                 state.send_client(ident, encode(admitted.error))
                 return
             request, plan = admitted
@@ -207,6 +208,7 @@ class BrokerCore:
         if reason is not None:
             if not self._serving(request.model):
                 state.counts["model_failed"] += 1
+                self._refused_metric(request.model, ErrorCode.MODEL_FAILED)
                 state.send_client(ident, wire.error_body(request.id, ErrorCode.MODEL_FAILED,
                                                          reason))
                 return
@@ -226,6 +228,7 @@ class BrokerCore:
         )
         if refused is not None:
             state.counts[refused.counter] += 1
+            self._refused_metric(request.model, refused.error.code)
             state.send_client(ident, encode(refused.error))
             return
         if client is None:
@@ -237,6 +240,11 @@ class BrokerCore:
         state.deadlines.add(job)
         state.counts["accepted"] += 1
         state.dirty.add(request.model)
+
+    def _refused_metric(self, model: str, code: ErrorCode) -> None:
+        """Count a refusal by model (a model the broker does not know: ``_unknown``)."""
+        known = self.state.registry.known_model(model) or model in self.flow.gateway.routed
+        self.state.metrics.refused(model, code, known)
 
     def on_cancel(self, ident: bytes, request_id: str) -> None:
         client = self.state.clients.get(ident)

@@ -77,6 +77,7 @@ class JobFlow:
         rc = state.sink.to_worker(worker.ident, body)
         if rc == SENT:
             state.counts["dispatched"] += 1
+            state.metrics.dispatched(job, now)
             return
         # Not delivered: the request never left, so it goes back to the front untouched,
         # and a worker that cannot take a message is gone (or stuck) for good.
@@ -105,7 +106,7 @@ class JobFlow:
             fields.setdefault("tried", list(job.tried))
         worker = job.worker.name if job.worker is not None else ""
         body = wire.error_body(job.id, code, message, worker=worker, **fields)
-        self.finish(job, body, "cancelled" if code is ErrorCode.CANCELLED else "failed")
+        self.finish(job, body, "cancelled" if code is ErrorCode.CANCELLED else "failed", code)
 
     def _stop_in_flight(self, job: Job, reason: ErrorCode) -> None:
         state = self.state
@@ -115,8 +116,10 @@ class JobFlow:
             worker.cancelling[job.end_route] = state.now + state.worker_timeout
             state.send_worker(worker, encode(CancelWork(key=job.key, reason=reason)))
 
-    def finish(self, job: Job, body: bytes, outcome: str) -> None:
-        """The one place a final answer is sent; the job is done afterwards."""
+    def finish(self, job: Job, body: bytes, outcome: str, code: ErrorCode | None = None
+               ) -> None:
+        """The one place a final answer is sent; the job is done afterwards. ``code``: the
+        Error's code (None for a Final), for the requests metric."""
         state = self.state
         if job.state is JobState.DONE:  # a bug if it ever happens: counted, never sent
             state.counts["internal_errors"] += 1
@@ -129,6 +132,7 @@ class JobFlow:
             if not client.jobs:  # idle clients are not tracked
                 del state.clients[job.client]
         state.counts[outcome] += 1
+        state.metrics.finished(job, code, state.now)
         state.send_client(job.client, body)
 
     def terminal(self, job: Job, body: bytes) -> tuple[bytes, str, StreamMsg | None]:

@@ -22,8 +22,8 @@ class Job:
 
     __slots__ = (
         "accepted_at", "attempts", "chunk_route", "chunks", "client", "deadline",
-        "dispatched_at", "end_route", "enqueued_at", "first_at", "key", "plan", "queue_token",
-        "request", "seq", "state", "tried", "worker", "worker_ident",
+        "dispatched_at", "end_route", "enqueued_at", "first_at", "key", "last_at", "plan",
+        "queue_token", "request", "seq", "state", "tried", "worker", "worker_ident",
     )
 
     def __init__(
@@ -49,6 +49,7 @@ class Job:
         self.worker_ident = b""
         self.dispatched_at = 0.0
         self.first_at = 0.0  # first chunk or terminal of the current attempt; 0 = none yet
+        self.last_at = 0.0  # the latest chunk of the current attempt (for the gap histogram)
         self.chunks = 0  # chunks forwarded to the client for the current attempt
 
     @property

@@ -18,6 +18,7 @@ from tokenhive.broker.cost import PriceBook
 from tokenhive.broker.deadlines import DeadlineHeap
 from tokenhive.broker.inflight import InFlight, KeyMaker
 from tokenhive.broker.job import ClientState
+from tokenhive.broker.metrics import BrokerMetrics
 from tokenhive.broker.nodes import NodeBook
 from tokenhive.broker.queue import ModelQueue
 from tokenhive.broker.registry import Worker, WorkerRegistry
@@ -58,6 +59,7 @@ class BrokerState:
         # counters (StatusReply); chunks is a plain attribute because the hot path bumps it
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.chunks = 0
+        self.metrics = BrokerMetrics()  # per-event observations for /metrics (metrics.py)
         # follow-ups, handled by JobFlow.settle
         self.dirty: set[str] = set()  # models whose queue may now be dispatchable
         self.gone_clients: set[bytes] = set()

@@ -58,11 +58,15 @@ class WorkerEvents:
         if job is None or job.worker_ident != ident:
             self._stray(ident, route, "late_chunks")
             return
-        if not job.chunks:
-            job.first_at = state.now
+        now = state.now
+        if job.chunks:
+            state.metrics.gaps.observe(now - job.last_at)
+        else:
+            job.first_at = now
+        job.last_at = now
         job.chunks += 1
         state.chunks += 1
-        job.worker.last_seen = state.now  # type: ignore[union-attr]  # in flight => has worker
+        job.worker.last_seen = now  # type: ignore[union-attr]  # in flight => has worker
         rc = state.sink.to_client(job.client, body)
         if rc:
             state.client_trouble(job.client, rc)
@@ -236,7 +240,9 @@ class WorkerEvents:
                 if job.tried:
                     msg.tried = list(job.tried)
                     answer = encode(msg)
-        self.flow.finish(job, answer, outcome)
+        code = None if outcome == "completed" else (
+            msg.code if isinstance(msg, Error) else ErrorCode.INTERNAL)
+        self.flow.finish(job, answer, outcome, code)
 
     def _settled(self, job: Job, worker: Worker, final: Final, body: bytes) -> bytes:
         """Price a Final, add it to the spend tables, and say which models served and were
