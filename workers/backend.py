@@ -61,6 +61,14 @@ class HealthReport(msgspec.Struct):
     retry_after: float | None = None  # set while an upstream rate-limits us
 
 
+class BackendStats(msgspec.Struct):
+    """What only the backend knows, for the heartbeat (zeros where it does not know)."""
+
+    generated_tokens: int = 0  # since start; the runtime turns it into tokens/s
+    kv_used: float = 0.0  # KV-cache cells in use, 0..1
+    prefix_hits: int = 0  # requests that reused a cached prompt prefix, since start
+
+
 class Backend(abc.ABC):
     """Base class for all backends. Subclasses implement ``start``, ``stream`` and ``info``."""
 
@@ -90,6 +98,10 @@ class Backend(abc.ABC):
     def health(self) -> HealthReport:
         """The backend's own verdict, sent in every heartbeat."""
         return HealthReport()
+
+    def stats(self) -> BackendStats:
+        """Counters for the heartbeat; cheap (it runs on the event loop every interval)."""
+        return BackendStats()
 
     @abc.abstractmethod
     def stream(self, request: Request) -> AsyncIterator[Delta | Done]:

@@ -62,7 +62,7 @@ from tokenhive.schemas.messages import (
     Ready,
     Rejected,
 )
-from tokenhive.workers.backend import Backend, BackendInfo, HealthReport
+from tokenhive.workers.backend import Backend, BackendInfo, BackendStats, HealthReport
 from tokenhive.workers.backends import backend_kind, make_backend
 from tokenhive.workers.connection import BrokerConnection
 from tokenhive.workers.health import HealthTracker, Verdict, rss_mb
@@ -111,6 +111,7 @@ class WorkerRuntime:
         self._last_health: Verdict | None = None
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
+        self._tps = TokenRate()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -251,11 +252,24 @@ class WorkerRuntime:
     def heartbeat(self) -> Heartbeat:
         verdict = self._last_health = self._verdict()
         free = self.spec.slots - len(self.jobs) if self.loaded and not self.draining else 0
+        stats = self._stats()
         return Heartbeat(
             worker=self.worker_id, free_slots=max(free, 0), in_flight=len(self.jobs),
             health=verdict.health, detail=verdict.detail, memory_mb=rss_mb(),
             retry_after=verdict.retry_after,
+            decode_tps=round(self._tps.update(stats.generated_tokens, time.monotonic()), 2),
+            kv_used=min(1.0, max(0.0, stats.kv_used)), prefix_hits=max(0, stats.prefix_hits),
         )
+
+    def _stats(self) -> BackendStats:
+        backend = self.backend
+        if not self.loaded or backend is None:
+            return BackendStats()
+        try:
+            return backend.stats()
+        except Exception:  # figures are a nicety: a failing hook must not stop heartbeats
+            log.exception("backend stats failed", extra={"worker": self.worker_id})
+            return BackendStats()
 
     def _verdict(self) -> Verdict:
         try:
@@ -321,6 +335,28 @@ class WorkerRuntime:
         for job in list(self.jobs.values()):
             job.cancel(reason)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class TokenRate:
+    """Tokens/s between heartbeats, from the backend's running total. Heartbeats also go out
+    early (a health change): a window shorter than ``MIN_WINDOW_S`` keeps the last rate
+    rather than dividing by almost nothing."""
+
+    MIN_WINDOW_S = 0.05
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.at = time.monotonic()
+        self.rate = 0.0
+
+    def update(self, total: int, now: float) -> float:
+        elapsed = now - self.at
+        if total < self.total:  # the backend restarted its count
+            self.total, self.at, self.rate = total, now, 0.0
+        elif elapsed >= self.MIN_WINDOW_S:
+            self.rate = (total - self.total) / elapsed
+            self.total, self.at = total, now
+        return self.rate
 
 
 def upstream_name(spec: AnyWorkerSpec) -> str:

@@ -33,7 +33,15 @@ from tokenhive.schemas.errors import (
     TokenHiveError,
 )
 from tokenhive.schemas.messages import Health, Kind, Request, Usage
-from tokenhive.workers.backend import Backend, BackendInfo, Delta, Done, Embeddings, HealthReport
+from tokenhive.workers.backend import (
+    Backend,
+    BackendInfo,
+    BackendStats,
+    Delta,
+    Done,
+    Embeddings,
+    HealthReport,
+)
 from tokenhive.workers.gguf.chat_format import ChatFormatter, make_chat_formatter
 from tokenhive.workers.gguf.embed import GGUFEmbedder
 from tokenhive.workers.gguf.engine import GGUFEngine
@@ -140,6 +148,17 @@ class GGUFBackend(Backend):
                 f"{stats.last_error}",
             )
         return HealthReport()
+
+    def stats(self) -> BackendStats:
+        """The engine's counters (plain ints its thread writes; reading one is atomic)."""
+        engine = self.engine
+        if engine is None:
+            return BackendStats()
+        stats = engine.stats
+        cells = engine.n_ctx * engine.params.slots  # one unified cache for all slots
+        return BackendStats(generated_tokens=stats.generated_tokens,
+                            kv_used=stats.kv_cells / cells if cells else 0.0,
+                            prefix_hits=stats.prefix_hits)
 
     def make_job(self, request: Request) -> Job:
         """Validate and format a request into an engine job (nothing queued yet)."""

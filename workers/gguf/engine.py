@@ -137,6 +137,7 @@ class GGUFEngine:
                 if self.running:
                     self._step()
                 self._outbox.flush()
+                self.stats.kv_cells = sum(len(slot.cached) for slot in self._slots)
         except BaseException as e:  # a bug here must not strand any stream
             log.exception("gguf engine crashed")
             self._fail_everything(f"the gguf engine crashed: {e!r}")
@@ -202,6 +203,8 @@ class GGUFEngine:
             free.remove(slot)
             keep = self._trim_cache(slot, keep)
             self.stats.reused_prompt_tokens += keep
+            if keep:
+                self.stats.prefix_hits += 1
             self._tick += 1
             sampler = SamplerChain(adm.job.sampling, self.native.n_vocab, adm.seed, adm.gate)
             if sampler.has_penalties:

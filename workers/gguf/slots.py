@@ -151,6 +151,8 @@ class EngineStats:
     decoded_tokens: int = 0  # prompt + generated tokens through llama_decode
     generated_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
+    prefix_hits: int = 0  # requests that reused at least one cached prompt token
+    kv_cells: int = 0  # KV-cache cells the slots hold (running and kept for reuse)
     grammar_resamples: int = 0  # model picks a grammar refused (then resampled)
     grammar_full_passes: int = 0  # of those, resampled over the whole vocabulary
     decode_errors: int = 0
