@@ -4,7 +4,7 @@ It runs on the loop that runs the broker, so rendering (``render``, which reads 
 state) happens between two of the broker's own callbacks and never races with them. It
 speaks just enough HTTP/1.1 for a Prometheus scraper, one request per connection:
 
-* ``GET`` or ``HEAD /metrics`` (any query string): 200, Prometheus text format 0.0.4;
+* ``GET`` or ``HEAD /metrics`` (any query string): 200, Prometheus text;
 * another path: 404; another method: 405 (with ``Allow``); a malformed request line: 400;
 * a request head over ``HEAD_LIMIT`` bytes: 431; none complete within ``READ_TIMEOUT``: the
   connection is closed; past ``MAX_CONNECTIONS`` open at once, new ones are closed at once.
