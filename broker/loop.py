@@ -106,6 +106,7 @@ class BrokerServer:
             for fd in fds:
                 loop.remove_reader(fd)
             self._tick_handle.cancel()
+            self._loop = None  # a pump already scheduled must not touch the closing sockets
             self.core.shutdown()
             self._flush_backlogs()
 
@@ -129,6 +130,8 @@ class BrokerServer:
 
     def _pump(self) -> None:
         self._pump_scheduled = False
+        if self._loop is None:  # stopped serving (the sockets may be closed already)
+            return
         self.core.touch()
         if self._monitors:
             self._drain_monitors()

@@ -35,58 +35,87 @@ MAX_PACK_KEYS = 1024
 _pack_decoder = msgspec.msgpack.Decoder(Pack)
 
 
+# route frame -> the chunk routes it names (``b"c" + key`` each, the in-flight table's keys).
+# A worker sends the same route every step until its batch changes, so this memo saves the
+# slicing and hashing per key; it is a pure function of the bytes, bounded by clearing.
+_routes_of: dict[bytes, tuple[bytes, ...]] = {}
+ROUTES_CACHED = 1024
+
+
+def chunk_routes(route: bytes) -> tuple[bytes, ...] | None:
+    """The chunk routes a pack route names, in order; None if it is not 1 to MAX_PACK_KEYS
+    whole keys."""
+    routes = _routes_of.get(route)
+    if routes is None:
+        n, rest = divmod(len(route) - 1, KEY_BYTES)
+        if rest or not 0 < n <= MAX_PACK_KEYS:
+            return None
+        routes = tuple([ROUTE_CHUNK + route[i:i + KEY_BYTES]
+                        for i in range(1, len(route), KEY_BYTES)])
+        if len(_routes_of) >= ROUTES_CACHED:
+            _routes_of.clear()
+        _routes_of[route] = routes
+    return routes
+
+
 def on_pack(state: BrokerState, ident: bytes, route: bytes, body: bytes) -> None:
     """Forward a pack's body to its client (see the module docstring); ``state.now`` is
     fresh (the socket loop touched it), follow-ups are left for ``settle``."""
-    n, rest = divmod(len(route) - 1, KEY_BYTES)
-    if rest or not 0 < n <= MAX_PACK_KEYS:
+    routes = chunk_routes(route)
+    if routes is None:
         _reject(state, ident, f"bad pack route: {len(route) - 1} key bytes is not 1 to "
                 f"{MAX_PACK_KEYS} keys of {KEY_BYTES} bytes")
         return
-    by_route = state.inflight.by_chunk_route
-    jobs: list[Job | None] = []
-    client = b""
-    worker = None
-    live = 0
-    for start in range(1, len(route), KEY_BYTES):
-        job = by_route.get(ROUTE_CHUNK + route[start:start + KEY_BYTES])
-        if job is None or job.worker_ident != ident:
-            jobs.append(None)
-            continue
-        if client != job.client:
-            if client:
-                _reject(state, ident, "a pack holds chunks of one client only")
-                return
-            client = job.client
-            worker = job.worker
-        jobs.append(job)
-        live += 1
-    if live < n:
-        state.counts["late_chunks"] += n - live
-        if not live:
-            if state.registry.get(ident) is None:
-                _reregister(state, ident)
+    get = state.inflight.by_chunk_route.get
+    jobs = [get(r) for r in routes]
+    first = jobs[0]
+    if first is not None and first.worker_ident == ident:
+        client = first.client
+        for job in jobs:
+            if job is None or job.worker_ident != ident or job.client != client:
+                break
+        else:  # the usual case: every chunk live, this worker's, one client's
+            _forward(state, jobs, client, body)  # type: ignore[arg-type]
             return
-        pruned = _without_dead(body, jobs)
-        if pruned is None:
-            _reject(state, ident, f"pack body does not hold the {n} chunks its route names")
-            return
-        body = pruned
+    _forward_some(state, ident, jobs, body)
+
+
+def _forward(state: BrokerState, jobs: list[Job], client: bytes, body: bytes) -> None:
+    """Per chunk what ``WorkerEvents.on_chunk`` does; then one send."""
     now = state.now
     for job in jobs:
-        if job is not None:
-            if not job.chunks:
-                job.first_at = now
-            job.chunks += 1
-            # metrics: the per-chunk gap observation of WorkerEvents.on_chunk goes here
-    state.chunks += live
-    if worker is not None:  # in flight => it has one
-        worker.last_seen = now
-    if live > 1:
+        if not job.chunks:
+            job.first_at = now
+        job.chunks += 1
+        # metrics: the per-chunk gap observation of WorkerEvents.on_chunk goes here
+    state.chunks += len(jobs)
+    jobs[0].worker.last_seen = now  # type: ignore[union-attr]  # in flight => has a worker
+    if len(jobs) > 1:
         state.counts["packs"] += 1
     rc = state.sink.to_client(client, body)
     if rc:
         state.client_trouble(client, rc)
+
+
+def _forward_some(state: BrokerState, ident: bytes, jobs: list[Job | None], body: bytes
+                  ) -> None:
+    """A pack with chunks that are not (or no longer) this worker's: those are late and cut
+    out of the body; chunks of two clients make it a bad frame."""
+    live = [j if j is not None and j.worker_ident == ident else None for j in jobs]
+    kept = [j for j in live if j is not None]
+    if len({j.client for j in kept}) > 1:
+        _reject(state, ident, "a pack holds chunks of one client only")
+        return
+    state.counts["late_chunks"] += len(jobs) - len(kept)
+    if not kept:
+        if state.registry.get(ident) is None:
+            _reregister(state, ident)
+        return
+    pruned = _without_dead(body, live)
+    if pruned is None:
+        _reject(state, ident, f"pack body does not hold the {len(jobs)} chunks its route names")
+        return
+    _forward(state, kept, kept[0].client, pruned)
 
 
 def _without_dead(body: bytes, jobs: list[Job | None]) -> bytes | None:
