@@ -81,13 +81,17 @@ def on_pack(state: BrokerState, ident: bytes, route: bytes, body: bytes) -> None
 
 
 def _forward(state: BrokerState, jobs: list[Job], client: bytes, body: bytes) -> None:
-    """Per chunk what ``WorkerEvents.on_chunk`` does; then one send."""
+    """Per chunk what ``WorkerEvents.on_chunk`` does (first chunk time, gap metric, counts);
+    then one send."""
     now = state.now
+    gaps = state.metrics.gaps
     for job in jobs:
-        if not job.chunks:
+        if job.chunks:
+            gaps.observe(now - job.last_at)  # a chunk's gap, as broker/metrics.py says
+        else:
             job.first_at = now
+        job.last_at = now
         job.chunks += 1
-        # metrics: the per-chunk gap observation of WorkerEvents.on_chunk goes here
     state.chunks += len(jobs)
     jobs[0].worker.last_seen = now  # type: ignore[union-attr]  # in flight => has a worker
     if len(jobs) > 1:
