@@ -28,7 +28,7 @@ from prometheus_client import generate_latest
 from tokenhive.broker.auth import curve_problems
 from tokenhive.broker.loop import BrokerServer
 from tokenhive.broker.metrics_collect import broker_registry
-from tokenhive.broker.metrics_http import MetricsServer, metrics_problems
+from tokenhive.broker.metrics_http import MetricsServer
 from tokenhive.broker.validate import config_problems
 from tokenhive.logs import configure_logging
 from tokenhive.schemas.config import BrokerConfig
@@ -113,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         if getattr(args, f.name, None) is not None
     })
     cfg = msgspec.convert(given, BrokerConfig)
-    problems = config_problems(cfg) + curve_problems(cfg) + metrics_problems(cfg.metrics)
+    problems = config_problems(cfg) + curve_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))
     return cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from tokenhive.broker.balancer import BALANCERS
+from tokenhive.broker.metrics_http import metrics_problems
 from tokenhive.broker.validate_gateway import gateway_problems
 from tokenhive.schemas.config import BrokerConfig
 
@@ -41,5 +42,6 @@ def config_problems(cfg: BrokerConfig) -> list[str]:
         address = getattr(cfg, field)
         need(address.partition("://")[0] in ("tcp", "ipc", "inproc"),
              f"{field} must be a tcp://, ipc:// or inproc:// address, got {address!r}")
+    problems += metrics_problems(cfg.metrics)
     problems += gateway_problems(cfg)
     return problems

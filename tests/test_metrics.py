@@ -18,8 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.broker_peers import FakeClient
-from tests.support.procs import start_broker
+from tests.support.procs import ipc_address, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
+from tests.test_cli import UpProcess
 from tokenhive.broker import metrics_http
 from tokenhive.broker.metrics_http import MetricsServer, parse_address
 from tokenhive.schemas.messages import Error, Final, Sampling
@@ -189,6 +190,27 @@ def test_gguf_worker_heartbeats_carry_decode_rate_kv_use_and_prefix_hits(
         client.close()
         worker.stop()
         broker.terminate()
+
+
+@pytest.mark.timeout(90)
+def test_up_passes_metrics_to_its_broker(tmp_path: Path) -> None:
+    up = UpProcess(["--backend", "echo", "--model", "m", "--workers", "2", "--metrics",
+                    "127.0.0.1:0", "--worker-endpoint", ipc_address(tmp_path, "w")],
+                   tmp_path / "up.stderr")
+    try:
+        url = up.expect("metrics on http://").rsplit(" ", 1)[-1]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        address = url.removeprefix("http://").removesuffix("/metrics")
+        scrape_until(address, lambda s: sum(
+            v for (name, labels), v in s.items()
+            if name == "tokenhive_worker_up" and ("model", "m") in labels) == 2, within=60)
+    finally:
+        assert up.stop() == 0
+    bad = UpProcess(["--backend", "echo", "--model", "m", "--metrics", "host:port"],
+                    tmp_path / "bad.stderr")
+    assert bad.proc.wait(30) == 2  # refused before anything started
+    bad.stop()
+    assert "metrics must be HOST:PORT, got 'host:port'" in (tmp_path / "bad.stderr").read_text()
 
 
 @pytest.mark.timeout(30)

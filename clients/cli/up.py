@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from tokenhive.broker.metrics_http import metrics_problems
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.cli.common import (
     EXIT_FAILED,
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for workers before reporting them not ready")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="on stop, seconds workers get to finish in-flight work")
+    parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                        help="the broker serves Prometheus metrics on http://HOST:PORT/metrics "
+                        "(a bare PORT binds loopback; overrides [broker] metrics)")
     keys = parser.add_argument_group(
         "CURVE keys (files, never key material; override [broker] in the pool file)")
     for flag, help_text in CURVE_FLAGS.items():
@@ -85,10 +89,21 @@ def with_curve(config: PoolConfig, args: argparse.Namespace) -> PoolConfig:
                                                                           **given))
 
 
+def with_metrics(config: PoolConfig, metrics: str | None) -> PoolConfig:
+    """``--metrics`` over the pool file's [broker] metrics."""
+    if metrics is None:
+        return config
+    if problems := metrics_problems(metrics):
+        raise ConfigError("; ".join(problems))
+    return msgspec.structs.replace(config, broker=msgspec.structs.replace(config.broker,
+                                                                          metrics=metrics))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = with_broker(pool_config_from_args(args), args.clients, args.worker_endpoint)
         config = with_curve(config, args)
+        config = with_metrics(config, args.metrics)
     except ConfigError as exc:
         print(f"tokenhive up: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -123,6 +138,8 @@ async def _serve(processes: PoolProcesses, args: argparse.Namespace) -> int:
         except TokenHiveError as exc:
             return report(exc, "up")
         print(f"tokenhive: broker ready; clients connect to {endpoints.clients}", flush=True)
+        if endpoints.metrics:
+            print(f"tokenhive: metrics on http://{endpoints.metrics}/metrics", flush=True)
         ready = asyncio.create_task(_announce_ready(processes, endpoints.clients, args))
         lost = asyncio.create_task(_all_workers_gone(processes))
         stopped = asyncio.create_task(stop.wait())

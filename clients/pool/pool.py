@@ -32,6 +32,7 @@ class PoolStartError(TokenHiveError):
 class Endpoints(msgspec.Struct):
     clients: str
     workers: str
+    metrics: str = ""  # HOST:PORT of the broker's /metrics ("" when off)
 
 
 def broker_argv(ready_file: Path, log_level: str) -> list[str]:
