@@ -130,6 +130,67 @@ def test_link_packs_a_turn_per_client_and_flushes_before_a_terminal(tmp_path: Pa
     assert [c.id for p in members for c in p.chunks] == [f"m{i}" for i in range(130)]
 
 
+@pytest.mark.timeout(60)
+def test_a_full_socket_holds_packing_chunks_back_without_losing_or_reordering(
+        tmp_path: Path) -> None:
+    """A peer that does not read: the link's backlog fills, ``send_packed`` hands out a
+    future (backpressure), and once the peer reads, every chunk arrives, in order."""
+    address = ipc_address(tmp_path, "full")
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVHWM, 2)
+    router.bind(address)
+    big = "x" * 65_536  # fills the pipe and the kernel's socket buffers in a few dozen sends
+    keys = [bytes([i]) * 8 for i in range(3)]
+
+    async def main() -> tuple[int, list[list[bytes]]]:
+        link = BrokerLink(address, b"w1", on_message=lambda frames: None, hwm=2)
+        link.enable_packing()
+        link.open()
+        try:
+            hello = link.send([VERSION_FRAME, b"", b"hello"])
+            if hello is not None:
+                await hello
+            waiter = None
+            sent = 0
+            while waiter is None and sent < 10_000:
+                body = encode(Chunk(id=f"r{sent % 3}", seq=sent // 3, text=big))
+                client = b"client-a" if sent % 3 < 2 else b"client-b"  # r0 and r1 share packs
+                waiter = link.send_packed(keys[sent % 3], client, body)
+                sent += 1
+                if sent % 3 == 0:
+                    link.send([VERSION_FRAME, b"", b"tick"])  # flushes what is held first
+            assert waiter is not None, "the socket never filled up"
+            link.send([VERSION_FRAME, b"", b"last"])
+            assert not waiter.done()  # nobody reads yet: the caller really waits
+            # hello; per whole turn a pack (r0, r1), a chunk (r2) and a tick; what the last
+            # turn held (one message); "last"
+            expect = 1 + 3 * (sent // 3) + (1 if sent % 3 else 0) + 1
+            reader = asyncio.get_running_loop().run_in_executor(
+                None, _recv_n, router, expect, 30.0)
+            await waiter  # completes once the peer has read enough
+            return sent, await reader
+        finally:
+            link.terminate()
+
+    try:
+        sent, got = uvloop.run(main())
+    finally:
+        router.close()
+    chunks = []
+    for m in got[1:]:
+        if m[2][:1] in (ROUTE_CHUNK, ROUTE_PACK):
+            msg = broker_to_client_decoder.decode(m[3])
+            chunks += msg.chunks if isinstance(msg, Pack) else [msg]
+    assert len(chunks) == sent
+    assert sum(m[2][:1] == ROUTE_PACK for m in got) == sent // 3 + (sent % 3 == 2)
+    for rid in ("r0", "r1", "r2"):
+        seqs = [c.seq for c in chunks if c.id == rid]
+        assert seqs == list(range(len(seqs)))
+    controls = [m[3] for m in got[1:] if m[2] == b""]
+    assert controls[-1] == b"last" and len(controls) == sent // 3 + 1
+
+
 # -- the broker core's on_pack, in-process -------------------------------------------------------
 
 W1, W2 = b"w1", b"w2"
