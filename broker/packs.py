@@ -35,27 +35,36 @@ MAX_PACK_KEYS = 1024
 _pack_decoder = msgspec.msgpack.Decoder(Pack)
 
 
-# route frame -> the chunk routes it names (``b"c" + key`` each, the in-flight table's keys).
-# A worker sends the same route every step until its batch changes, so this memo saves the
-# slicing and hashing per key; it is a pure function of the bytes, bounded by clearing.
-_routes_of: dict[bytes, tuple[bytes, ...]] = {}
-ROUTES_CACHED = 1024
+class RouteMemo:
+    """Route frame -> the chunk routes it names (``b"c" + key`` each: the in-flight table's
+    keys). A worker sends the same route every step until its batch changes, so this saves
+    the slicing and hashing per key. A pure function of the bytes, so it is never stale;
+    bounded by the keys it holds (cleared when full; a worker cannot grow it)."""
+
+    def __init__(self, max_keys: int = 65_536) -> None:
+        self.max_keys = max_keys
+        self._routes: dict[bytes, tuple[bytes, ...]] = {}
+        self._keys = 0
+
+    def __call__(self, route: bytes) -> tuple[bytes, ...] | None:
+        """The chunk routes of a pack route, in order; None if it is not 1 to MAX_PACK_KEYS
+        whole keys."""
+        routes = self._routes.get(route)
+        if routes is None:
+            n, rest = divmod(len(route) - 1, KEY_BYTES)
+            if rest or not 0 < n <= MAX_PACK_KEYS:
+                return None
+            routes = tuple([ROUTE_CHUNK + route[i:i + KEY_BYTES]
+                            for i in range(1, len(route), KEY_BYTES)])
+            if self._keys + n > self.max_keys:
+                self._routes.clear()
+                self._keys = 0
+            self._routes[route] = routes
+            self._keys += n
+        return routes
 
 
-def chunk_routes(route: bytes) -> tuple[bytes, ...] | None:
-    """The chunk routes a pack route names, in order; None if it is not 1 to MAX_PACK_KEYS
-    whole keys."""
-    routes = _routes_of.get(route)
-    if routes is None:
-        n, rest = divmod(len(route) - 1, KEY_BYTES)
-        if rest or not 0 < n <= MAX_PACK_KEYS:
-            return None
-        routes = tuple([ROUTE_CHUNK + route[i:i + KEY_BYTES]
-                        for i in range(1, len(route), KEY_BYTES)])
-        if len(_routes_of) >= ROUTES_CACHED:
-            _routes_of.clear()
-        _routes_of[route] = routes
-    return routes
+chunk_routes = RouteMemo()
 
 
 def on_pack(state: BrokerState, ident: bytes, route: bytes, body: bytes) -> None:
