@@ -25,7 +25,7 @@ from tests.support.procs import Proc, ipc_address, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
 from tests.test_broker_core import C1, C2, Harness
 from tests.test_pool_e2e import healthy, wait_status
-from tokenhive.broker.packs import on_pack
+from tokenhive.broker.packs import MAX_PACK_KEYS, RouteMemo, on_pack
 from tokenhive.clients import NO_RETRY, AsyncClient
 from tokenhive.schemas.frames import (
     ROUTE_CHUNK,
@@ -232,7 +232,8 @@ def test_on_pack_forwards_the_body_once_and_counts_every_chunk() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("route", [ROUTE_PACK, ROUTE_PACK + b"k" * 7, ROUTE_PACK + b"k" * 12])
+@pytest.mark.parametrize("route", [ROUTE_PACK, ROUTE_PACK + b"k" * 7, ROUTE_PACK + b"k" * 12,
+                                   ROUTE_PACK + b"k" * 8 * (MAX_PACK_KEYS + 1)])
 def test_on_pack_refuses_a_route_that_is_not_whole_keys(route: bytes) -> None:
     h = Harness()
     h.ready(W1, slots=2)
@@ -291,6 +292,17 @@ def test_on_pack_prunes_the_chunks_of_requests_already_answered() -> None:
         broker_to_client_decoder.decode(_chunk_body("r3"))])
     counters = h.status().counters
     assert counters["late_chunks"] == 1 and counters["chunks"] == 2 and counters["packs"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_route_memo_splits_routes_and_stays_within_its_bound() -> None:
+    memo = RouteMemo(max_keys=5)
+    routes = [pack_route([bytes([r, k]) * 4 for k in range(3)]) for r in range(4)]
+    for _ in range(2):  # the second round finds some cached, some cleared: same answers
+        for r, route in enumerate(routes):
+            assert memo(route) == tuple(ROUTE_CHUNK + bytes([r, k]) * 4 for k in range(3))
+            assert memo._keys <= 5
+    assert memo(ROUTE_PACK + b"k" * 9) is None and memo(ROUTE_PACK) is None
 
 
 @pytest.mark.timeout(30)
