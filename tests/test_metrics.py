@@ -14,16 +14,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.broker_peers import FakeClient
 from tests.support.procs import ipc_address, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
 from tests.test_cli import UpProcess
-from tokenhive.broker import metrics_http
+from tokenhive.broker import metrics as metrics_module
+from tokenhive.broker import metrics_collect, metrics_http
+from tokenhive.broker.metrics import GAP_BUCKETS, BrokerMetrics
+from tokenhive.broker.metrics_collect import broker_registry
 from tokenhive.broker.metrics_http import MetricsServer, parse_address
-from tokenhive.schemas.messages import Error, Final, Sampling
+from tokenhive.schemas.errors import ErrorCode
+from tokenhive.schemas.messages import (
+    Error,
+    Final,
+    GpuInfo,
+    NodeHealth,
+    NodeStatus,
+    Sampling,
+    StatusReply,
+    WorkerStatus,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -38,8 +51,8 @@ def scrape(address: str) -> Samples:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[name, frozenset(labels.items())]
+def value(samples: Samples, metric: str, /, **labels: str) -> float:
+    return samples[metric, frozenset(labels.items())]
 
 
 def scrape_until(address: str, ok: Callable[[Samples], bool], within: float = 30.0) -> Samples:
@@ -53,8 +66,8 @@ def scrape_until(address: str, ok: Callable[[Samples], bool], within: float = 30
     raise TimeoutError(f"metrics condition not met in {within}s; last scrape: {samples}")
 
 
-def bucket(samples: Samples, name: str, le: str, **labels: str) -> float:
-    return value(samples, f"{name}_bucket", le=le, **labels)
+def bucket(samples: Samples, metric: str, le: str, /, **labels: str) -> float:
+    return value(samples, f"{metric}_bucket", le=le, **labels)
 
 
 @pytest.mark.timeout(120)
@@ -301,3 +314,80 @@ def test_http_server_answers_only_get_metrics_and_caps_what_clients_control(
             await server.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
+def test_histogram_renders_like_prometheus_client() -> None:
+    """Bucket counting by bisect (with the first-bucket shortcut) renders exactly what
+    prometheus_client's own Histogram renders for the same observations."""
+    values = [0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.02, 0.3, 2.5, 2.6, 100.0]
+    ours = BrokerMetrics()
+    for v in values:
+        ours.gaps.observe(v)
+    reference_registry = CollectorRegistry()
+    reference = Histogram("tokenhive_chunk_gap_seconds", "x", buckets=GAP_BUCKETS,
+                          registry=reference_registry)
+    for v in values:
+        reference.observe(v)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if line.startswith("tokenhive_chunk_gap_seconds_")
+                and "_created" not in line]
+
+    registry = broker_registry(lambda: StatusReply([], {}, 0, {}), ours)
+    assert lines(registry) == lines(reference_registry)
+
+
+@pytest.mark.timeout(10)
+def test_model_labels_capped_and_refusals_of_unknown_models_pooled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_module, "MAX_MODEL_LABELS", 3)
+    m = BrokerMetrics()
+    for model in ("a", "b", "c", "d", "e"):
+        m.refused(model, ErrorCode.OVERLOADED, known=True)
+    m.refused("made-up-1", ErrorCode.UNKNOWN_MODEL, known=False)
+    m.refused("", ErrorCode.INVALID_REQUEST, known=False)
+    assert sorted(m.models) == ["_other", "a", "b", "c"]
+    assert m.models["_other"].outcomes == {"overloaded": 2, "unknown_model": 1,
+                                           "invalid_request": 1}
+
+
+@pytest.mark.timeout(10)
+def test_nodes_and_gpus_exposed_and_series_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = [GpuInfo(index=i, name="H200", memory_used_mb=1024.0 * (i + 1),
+                    memory_total_mb=143771.0, utilization_pct=50.0 if i == 0 else None)
+            for i in range(2)]
+    status = StatusReply(
+        workers=[WorkerStatus(id=f"w{i}", model="m", backend="gguf", health="ok", slots=2,
+                              free_slots=1, in_flight=1, node="n1", decode_tps=12.5,
+                              kv_used=0.25, prefix_hits=3) for i in range(3)],
+        queues={"m": 4}, in_flight=3, counters={"bad_frames": 2, "auth_failures": 1},
+        nodes=[NodeStatus(id="n1", health=NodeHealth.DEGRADED, gpus=gpus),
+               NodeStatus(id="n2", health=NodeHealth.DOWN, draining=True)])
+    monkeypatch.setattr(metrics_collect, "MAX_SERIES", 2)
+    text = generate_latest(broker_registry(lambda: status, BrokerMetrics())).decode()
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert value(samples, "tokenhive_node_health", node="n1", health="degraded") == 1
+    assert value(samples, "tokenhive_node_health", node="n1", health="ok") == 0
+    assert value(samples, "tokenhive_node_health", node="n2", health="down") == 1
+    assert value(samples, "tokenhive_node_draining", node="n2") == 1
+    gpu0 = {"node": "n1", "gpu": "0", "name": "H200"}
+    assert value(samples, "tokenhive_gpu_memory_used_bytes", **gpu0) == 1024 * 2**20
+    assert value(samples, "tokenhive_gpu_memory_total_bytes", **gpu0) == 143771 * 2**20
+    assert value(samples, "tokenhive_gpu_utilization_ratio", **gpu0) == 0.5
+    assert ("tokenhive_gpu_utilization_ratio",
+            frozenset({**gpu0, "gpu": "1"}.items())) not in samples  # NVML did not say
+    w0 = {"worker": "w0", "model": "m", "node": "n1"}
+    assert value(samples, "tokenhive_worker_decode_tokens_per_second", **w0) == 12.5
+    assert value(samples, "tokenhive_worker_kv_cache_used_ratio", **w0) == 0.25
+    assert value(samples, "tokenhive_worker_prefix_cache_hits_total", **w0) == 3
+    assert value(samples, "tokenhive_queue_depth", model="m") == 4
+    assert value(samples, "tokenhive_bad_frames_total") == 2
+    assert value(samples, "tokenhive_auth_failures_total") == 1
+    # 3 workers, 2 shown; 2 nodes fit; 2 GPUs fit: one series left out per worker family
+    assert {lb["worker"] for (n, labels), _ in samples.items()
+            if n == "tokenhive_worker_slots" for lb in [dict(labels)]} == {"w0", "w1"}
+    assert value(samples, "tokenhive_metrics_series_dropped") == 1
