@@ -12,6 +12,7 @@ terminal each, whichever client and whatever is cancelled.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ from tokenhive.schemas.messages import (
     Pack,
     Rejected,
     Reregister,
+    Sampling,
     StatusReply,
 )
 from tokenhive.workers.link import BrokerLink
@@ -469,3 +471,39 @@ def test_a_cancel_mid_stream_ends_with_exactly_one_terminal(
         assert not any(isinstance(m, (Chunk, Final, Error)) and m.id == "r0"
                        for m in client.held())
     assert status.counters["cancelled"] == 1 and status.counters["completed"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_gguf_worker_packs_one_decode_step_of_several_sequences(
+        tmp_path: Path, tiny_gguf: Path) -> None:
+    """The real engine: a step decodes every slot's sequence, and its tokens for one client
+    leave the worker as one message."""
+    broker = start_broker(tmp_path, heartbeat_interval=0.5)
+    args = ["--broker", broker.workers, "--id", "g0", "--heartbeat-interval", "0.2",
+            "--pack-chunks", "--log-level", "debug", "--spec-json", json.dumps({
+                "backend": "gguf", "model": "tiny", "n_ctx": 256, "n_threads": 1,
+                "slots": 4, "path": str(tiny_gguf)})]
+    worker = WorkerProc(args, tmp_path / "g0.log")
+    ids = {f"g{i}" for i in range(4)}
+    try:
+        with FakeClient(broker.clients) as client:
+            _wait_ready(client, timeout=60)
+            for rid in sorted(ids):
+                client.submit(rid, model="tiny", prompt="hello world",
+                              sampling=Sampling(max_tokens=24, temperature=0.0))
+            chunks, ends, packs = _collect(client, ids, timeout=60)
+            status = client.status()
+    finally:
+        worker.stop()
+        broker.terminate()
+    texts = set()
+    for rid in ids:
+        (end,) = ends[rid]
+        assert isinstance(end, Final), end
+        assert end.chunks == len(chunks[rid]) > 0 and end.usage.completion_tokens == 24
+        assert [c.seq for c in chunks[rid]] == list(range(end.chunks))
+        texts.add("".join(c.text for c in chunks[rid]))
+    assert len(texts) == 1  # greedy, same prompt: the packing changed no text
+    assert any(len({c.id for c in p.chunks}) > 1 for p in packs)
+    assert status.counters["packs"] == len(packs) > 0
+    assert status.counters["chunks"] == sum(len(c) for c in chunks.values())
