@@ -37,6 +37,7 @@ from tokenhive.schemas.messages import (
     StatusReply,
     WorkerStatus,
 )
+from tokenhive.workers.token_rate import TokenRate
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -391,3 +392,15 @@ def test_nodes_and_gpus_exposed_and_series_capped(monkeypatch: pytest.MonkeyPatc
     assert {lb["worker"] for (n, labels), _ in samples.items()
             if n == "tokenhive_worker_slots" for lb in [dict(labels)]} == {"w0", "w1"}
     assert value(samples, "tokenhive_metrics_series_dropped") == 1
+
+
+@pytest.mark.timeout(10)
+def test_token_rate_over_heartbeat_windows() -> None:
+    rate = TokenRate()
+    rate.total, rate.at = 0, 100.0
+    assert rate.update(50, 100.5) == 100.0  # 50 tokens in half a second
+    assert rate.update(60, 100.51) == 100.0  # an early heartbeat keeps the last rate
+    assert rate.update(60, 101.5) == 10.0  # the 10 since 100.5, over a second
+    assert rate.update(60, 102.5) == 0.0  # idle
+    assert rate.update(5, 103.0) == 0.0  # the backend's count restarted: no negative rate
+    assert rate.update(25, 104.0) == 20.0

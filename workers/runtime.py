@@ -67,6 +67,7 @@ from tokenhive.workers.backends import backend_kind, make_backend
 from tokenhive.workers.connection import BrokerConnection
 from tokenhive.workers.health import HealthTracker, Verdict, rss_mb
 from tokenhive.workers.job import Job, Terminal
+from tokenhive.workers.token_rate import TokenRate
 
 log = logging.getLogger("tokenhive.worker")
 
@@ -335,28 +336,6 @@ class WorkerRuntime:
         for job in list(self.jobs.values()):
             job.cancel(reason)
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class TokenRate:
-    """Tokens/s between heartbeats, from the backend's running total. Heartbeats also go out
-    early (a health change): a window shorter than ``MIN_WINDOW_S`` keeps the last rate
-    rather than dividing by almost nothing."""
-
-    MIN_WINDOW_S = 0.05
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.at = time.monotonic()
-        self.rate = 0.0
-
-    def update(self, total: int, now: float) -> float:
-        elapsed = now - self.at
-        if total < self.total:  # the backend restarted its count
-            self.total, self.at, self.rate = total, now, 0.0
-        elif elapsed >= self.MIN_WINDOW_S:
-            self.rate = (total - self.total) / elapsed
-            self.total, self.at = total, now
-        return self.rate
 
 
 def upstream_name(spec: AnyWorkerSpec) -> str:
