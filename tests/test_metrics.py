@@ -28,11 +28,13 @@ from tokenhive.broker.metrics_collect import broker_registry
 from tokenhive.broker.metrics_http import MetricsServer, parse_address
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import (
+    Chunk,
     Error,
     Final,
     GpuInfo,
     NodeHealth,
     NodeStatus,
+    Pack,
     Sampling,
     StatusReply,
     WorkerStatus,
@@ -71,15 +73,36 @@ def bucket(samples: Samples, metric: str, le: str, /, **labels: str) -> float:
     return value(samples, f"{metric}_bucket", le=le, **labels)
 
 
+def stream_results(client: FakeClient, ids: list[str], timeout: float
+                   ) -> tuple[dict[str, int], dict[str, Final | Error]]:
+    """Chunks received per request (alone or inside Packs) and each request's terminal."""
+    chunks = dict.fromkeys(ids, 0)
+    ends: dict[str, Final | Error] = {}
+    deadline = time.monotonic() + timeout
+    while len(ends) < len(ids):
+        msg = client.recv(max(0.0, deadline - time.monotonic()))
+        if isinstance(msg, Chunk):
+            chunks[msg.id] += 1
+        elif isinstance(msg, Pack):
+            for chunk in msg.chunks:
+                chunks[chunk.id] += 1
+        elif isinstance(msg, (Final, Error)):
+            ends[msg.id] = msg
+    return chunks, ends
+
+
 @pytest.mark.timeout(120)
-def test_metrics_during_and_after_a_run_match_what_it_did(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packing", [False, True], ids=["chunks", "packs"])
+def test_metrics_during_and_after_a_run_match_what_it_did(tmp_path: Path, packing: bool
+                                                          ) -> None:
     """6 requests on 4 slots (2 echo workers x 2), each streaming 30 tokens at 10/s: while
     the first 4 stream, 4 are in flight and 2 queued; afterwards every counter and histogram
-    adds up to what the client received."""
+    adds up to what the client received (chunk by chunk, or packed per worker step)."""
     broker = start_broker(tmp_path, heartbeat_interval=0.2, metrics="127.0.0.1:0")
     address = broker.ready["metrics"]
     assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-    paced = ("--option", "tokens=30", "--option", "tokens_per_s=10")
+    paced = ("--option", "tokens=30", "--option", "tokens_per_s=10",
+             *(["--pack-chunks"] if packing else []))
     workers = [start_worker(broker.workers, tmp_path, *paced, worker_id=f"w{i}", slots=2,
                             interval=0.2) for i in range(2)]
     client = FakeClient(broker.clients)
@@ -96,10 +119,10 @@ def test_metrics_during_and_after_a_run_match_what_it_did(tmp_path: Path) -> Non
                          node="") == 0
         assert not [k for k in during if k[0] == "tokenhive_requests_total"]  # none ended yet
 
-        results = [client.result(f"r{i}", timeout=60) for i in range(n)]
-        finals = [end for _, end in results]
+        per_request, ends = stream_results(client, [f"r{i}" for i in range(n)], 60)
+        finals = list(ends.values())
         assert all(isinstance(f, Final) for f in finals), finals
-        chunks = sum(len(c) for c, _ in results)
+        chunks = sum(per_request.values())
         assert chunks == 30 * n
 
         # refused at the door: an invalid request (under its model) and an unknown model
@@ -148,6 +171,8 @@ def test_metrics_during_and_after_a_run_match_what_it_did(tmp_path: Path) -> Non
         assert 0.05 < value(after, "tokenhive_chunk_gap_seconds_sum") / gaps < 1.0
         assert bucket(after, "tokenhive_chunk_gap_seconds", "+Inf") == gaps
         assert value(after, "tokenhive_broker_events_total", event="accepted") == n
+        packs = value(after, "tokenhive_broker_events_total", event="packs")
+        assert packs > 0 if packing else packs == 0  # the pack path did run (or did not)
     finally:
         client.close()
         for w in workers:
