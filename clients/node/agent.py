@@ -60,6 +60,7 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._all_failed = asyncio.Event()
         self._signals = 0
+        self._reporting = True  # the reporter's loop runs while this holds
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -92,8 +93,9 @@ class NodeAgent:
             await self.supervisor.stop(
                 [r for _, r in self.workers],
                 grace=self.config.drain_timeout + STOP_MARGIN_S)
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+            self._reporting = False
+            self._changed.set()  # the reporter wakes, sees it is done and returns
+            await reporter
             await link.send_last(self._report(self.discovery.sample({})), LAST_REPORT_WAIT_S)
             log.info("node stopped", extra={"node": self.node, "code": code})
             return code
@@ -142,18 +144,28 @@ class NodeAgent:
 
     async def _report_loop(self, link: ReportLink) -> None:
         interval = self.config.heartbeat_interval
-        while True:
+        while self._reporting:
             self._changed.clear()
-            pinned = self.plan.pinned()
+            pinned = self._pinned()
             if self.discovery.source == "nvml":  # NVML calls block for a few ms each
                 gpus = await asyncio.to_thread(self.discovery.sample, pinned)
             else:
                 gpus = self.discovery.sample(pinned)
             link.send_or_drop(self._report(gpus))
-            try:
-                await asyncio.wait_for(self._changed.wait(), interval)
+            try:  # (not wait_for: on 3.11 it may swallow a cancel that meets a set event)
+                async with asyncio.timeout(interval):
+                    await self._changed.wait()
             except TimeoutError:
                 pass  # the periodic report
+
+    def _pinned(self) -> dict[int, list[str]]:
+        """GPU index -> the ids of the workers on it that are running or coming back."""
+        out: dict[int, list[str]] = {}
+        for plan, replica in self.workers:
+            if replica.state in (State.STARTING, State.RUNNING, State.BACKOFF):
+                for index in plan.gpus:
+                    out.setdefault(index, []).append(plan.worker_id)
+        return out
 
     def _report(self, gpus: list[GpuInfo]) -> NodeReport:
         by_state: dict[State, list[str]] = {}
