@@ -71,7 +71,9 @@ class Row(msgspec.Struct):
     broker_chunks: int  # the broker's own counters at the end
     broker_packs: int
     saturated: bool
-    limit: str  # what gave out at a saturated point: broker | simulators | client ("" if none)
+    # what gave out at a saturated point ("" if none): broker | simulators | client | machine
+    # (none of them near a core: the machine's other work had the CPU)
+    limit: str
     load_avg: float  # the machine's 1-minute load average at the end of the point
 
 
@@ -154,17 +156,21 @@ def run_point(tmp: Path, path: str, workers: int, args: argparse.Namespace) -> R
     saturated = delivered < SATURATED * offered or p50 > SATURATED_P50_US
     # The simulators share the cores: when they fell behind their own schedule, the point
     # says more about the machine than about the broker.
+    broker_cores = broker_cpu / wall
+    refused = sum(s[2] for s in sim_stats)
     limit = "" if not saturated else (
         "simulators" if skipped > 0.02 * workers * args.step_hz * wall
-        else "client" if client_cores > 0.85 else "broker")
+        else "broker" if broker_cores > 0.8 or refused
+        else "client" if client_cores > 0.85
+        else "machine")  # nobody near a core: other work on the machine took the CPU
     return Row(
         path=path, workers=workers, offered_chunks_s=offered, delivered_chunks_s=delivered,
-        messages_s=report.messages / report.window_s, broker_cores=broker_cpu / wall,
+        messages_s=report.messages / report.window_s, broker_cores=broker_cores,
         broker_us_per_chunk=broker_cpu / max(report.chunks, 1) * 1e6,
         broker_us_per_message=broker_cpu / max(report.messages, 1) * 1e6,
         p50_us=p50, p99_us=percentile(report.hist, 0.99),
         sims_cores=sims_cpu / wall, client_cores=client_cores, sim_steps_skipped=skipped,
-        sends_refused=sum(s[2] for s in sim_stats),
+        sends_refused=refused,
         broker_chunks=counters.get("chunks", 0), broker_packs=counters.get("packs", 0),
         saturated=saturated, limit=limit, load_avg=os.getloadavg()[0],
     )
