@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -230,6 +231,18 @@ def test_node_config_names_unknown_keys_and_bad_values() -> None:
     for part in ("heartbeat_interval", "gpus_per_worker", "node 'bad id'",
                  "curve_secret_key and curve_server_key go together"):
         assert part in problems
+
+
+@pytest.mark.timeout(10)
+def test_example_node_file_is_valid() -> None:
+    path = Path(__file__).resolve().parent.parent / "examples" / "node.toml"
+    config = load_node_config(path.read_bytes())
+    assert node_config_problems(config) == []
+    spec = config.workers[0]
+    assert isinstance(spec, GGUFSpec) and spec.n_gpu_layers == -1
+    plan = plan_workers("gpu1", config.workers, gpus(2), config.gpus_per_worker)
+    assert [w.worker_id for w in plan.workers] == ["gpu1-gemma3-270m-gpu0",
+                                                   "gpu1-gemma3-270m-gpu1"]
 
 
 @pytest.mark.timeout(30)
@@ -508,3 +521,89 @@ def test_second_signal_hurries_the_drain(tmp_path: Path, broker: Proc) -> None:
         assert node.wait(15) == 0
     finally:
         node.terminate()
+
+
+# -- bench/gpu.sh: its paths that need no GPU ------------------------------------------------
+
+GPU_SH = Path(__file__).resolve().parent.parent / "bench" / "gpu.sh"
+# A FAKE nvidia-smi for a dry run on this CPU host: two GPUs, and as their compute apps the
+# processes pinned to them (what the real one shows when every worker sits on its own GPU).
+# SAME_GPU=1 makes it put every process on GPU 0: the pinning check must then fail.
+FAKE_SMI_DRY_RUN = """\
+case "$1" in
+-L) echo "GPU 0: Fake GPU (UUID: GPU-aaaa1111-0000)"
+    echo "GPU 1: Fake GPU (UUID: GPU-bbbb2222-0000)";;
+--query-compute-apps=pid,gpu_uuid)
+  for e in /proc/[0-9]*/environ; do
+    pid=${e#/proc/}; pid=${pid%/environ}
+    tr '\\0' '\\n' < "$e" 2>/dev/null | grep -q '^TOKENHIVE_NODE=gpubench$' || continue
+    v=$(tr '\\0' '\\n' < "$e" | sed -n 's/^CUDA_VISIBLE_DEVICES=//p')
+    if [ "${SAME_GPU:-0}" = 1 ]; then v=GPU-aaaa1111-0000; fi
+    echo "$pid, $v"
+  done;;
+*) exit 9;;
+esac"""
+
+
+def run_gpu_sh(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(GPU_SH)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env}, cwd="/")
+
+
+@pytest.mark.timeout(30)
+def test_gpu_sh_parses() -> None:
+    assert subprocess.run(["bash", "-n", str(GPU_SH)], timeout=20).returncode == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("smi", "says"), [
+    (None, "no NVIDIA GPU: nvidia-smi is not installed"),
+    ("echo 'NVIDIA-SMI has failed because it could not communicate' >&2; exit 9",
+     "no NVIDIA GPU: nvidia-smi -L failed: NVIDIA-SMI has failed because it could not "
+     "communicate"),
+    ("exit 0", "no NVIDIA GPU: nvidia-smi -L lists none"),
+])
+def test_gpu_sh_without_a_gpu_says_so_and_exits_3(tmp_path: Path, smi: str | None,
+                                                 says: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "awk", "dirname", "cat", "mktemp"):  # all but nvidia-smi
+        (bin_dir / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
+    env = {"PATH": str(bin_dir)}
+    if smi is not None:
+        env = fake_nvidia_smi(bin_dir, smi) | {"PATH": str(bin_dir)}
+    done = run_gpu_sh(env)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip() == f"bench/gpu.sh: {says}"
+
+
+@pytest.mark.timeout(60)
+def test_gpu_sh_refuses_a_llama_cpp_without_gpu_offload(tmp_path: Path) -> None:
+    env = fake_nvidia_smi(tmp_path / "bin", FAKE_SMI_DRY_RUN)
+    done = run_gpu_sh({**env, "PYTHON": sys.executable})
+    if done.returncode == 0 or "cannot offload" not in done.stderr:
+        pytest.skip("this llama-cpp-python offloads to GPUs")
+    assert done.returncode == 4 and "rebuild it with CUDA" in done.stderr
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("same_gpu", [False, True])
+def test_gpu_sh_dry_run_on_the_cpu(tmp_path: Path, tiny_gguf: Path, same_gpu: bool) -> None:
+    """The whole script (keys, keyed broker, node on 1 then 2 "GPUs", pinning check, batch,
+    ratio) with the FAKE nvidia-smi and the tiny model on the CPU: the plumbing, not the
+    figures. With every process reported on GPU 0 the pinning check fails (exit 5)."""
+    env = fake_nvidia_smi(tmp_path / "bin", FAKE_SMI_DRY_RUN)
+    env |= {"PYTHON": sys.executable, "SKIP_OFFLOAD_CHECK": "1", "MODEL": str(tiny_gguf),
+            "REQUESTS": "4", "MAX_TOKENS": "4", "SLOTS": "2", "SCALE_MIN": "0.01",
+            "SAME_GPU": "1" if same_gpu else "0", "TMPDIR": str(tmp_path)}
+    done = run_gpu_sh(env, timeout=200)
+    if same_gpu:
+        assert done.returncode == 5, done.stderr
+        assert "PINNING: workers share GPUs" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert "gpu bench: 1 GPU: " in done.stdout and "ratio" in done.stdout
+        assert "pinning ok" in done.stdout
+        pins = [line for line in done.stderr.splitlines() if line.startswith("worker pid")]
+        assert len(pins) == 3  # 1 on the one-GPU run, 2 on the two-GPU run
+    assert not list(tmp_path.glob("tokenhive-gpu-bench.*"))  # its work dir is removed
