@@ -607,3 +607,34 @@ def test_gpu_sh_dry_run_on_the_cpu(tmp_path: Path, tiny_gguf: Path, same_gpu: bo
         pins = [line for line in done.stderr.splitlines() if line.startswith("worker pid")]
         assert len(pins) == 3  # 1 on the one-GPU run, 2 on the two-GPU run
     assert not list(tmp_path.glob("tokenhive-gpu-bench.*"))  # its work dir is removed
+
+
+@pytest.mark.timeout(90)
+def test_node_joins_a_keyed_broker(tmp_path: Path) -> None:
+    """CURVE on tcp: the node's own reports and its workers connect with the node's key pair;
+    the broker lists the node (from its reports) with both workers."""
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    allow.mkdir()
+    for name in ("broker", "node"):
+        assert cli_main(["keys", "generate", str(keys), "--name", name]) == 0
+    (allow / "node.key").write_bytes((keys / "node.key").read_bytes())
+    with start_broker(tmp_path, clients="tcp://127.0.0.1:0", workers="tcp://127.0.0.1:0",
+                      heartbeat_interval=0.2, curve_secret_key=str(keys / "broker.key_secret"),
+                      curve_allow_workers=str(allow)) as keyed:
+        node = start_node(tmp_path, keyed.workers, "--curve-secret-key",
+                          str(keys / "node.key_secret"), "--curve-server-key",
+                          str(keys / "broker.key"))
+        try:
+            async def main() -> None:
+                async with AsyncClient(keyed.clients) as client:
+                    status = await wait_status(client, lambda s: any(
+                        n.id == NODE and n.agent and len(n.workers) == 2 for n in s.nodes))
+                    assert sorted(w.id for w in status.workers) == [f"{NODE}-echo-gpu0",
+                                                                    f"{NODE}-echo-gpu1"]
+                    assert status.counters.get("auth_failures", 0) == 0
+
+            run(main())
+            node.popen.send_signal(signal.SIGTERM)
+            assert node.wait(30) == 0
+        finally:
+            node.terminate()
