@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,6 +206,65 @@ def test_real_nvml_failure_is_one_line(caplog: pytest.LogCaptureFixture) -> None
         pytest.skip("this host has a working NVML")
     nvml = [r.getMessage() for r in caplog.records if "NVML" in r.getMessage()]
     assert len(nvml) == 1 and nvml[0].startswith("NVML unavailable (")
+
+
+class FakeNvml(types.ModuleType):
+    """A FAKE ``pynvml`` (no GPU and no NVML library here): two GPUs with 80 GiB each, the
+    second without utilisation support, as some GPUs are."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.shut = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        return int(uuid[-1])
+
+    def nvmlDeviceGetUUID(self, handle: int) -> bytes:
+        return f"GPU-fake-{handle}".encode()
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return "Fake H200"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(used=(handle + 1) * 1024 * 1024 * 1024,
+                                     total=80 * 1024 * 1024 * 1024)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> types.SimpleNamespace:
+        if handle == 1:
+            raise self.NVMLError("Not Supported")
+        return types.SimpleNamespace(gpu=37)
+
+
+@pytest.mark.timeout(10)
+def test_nvml_gives_names_memory_and_utilisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    found = discover({"PATH": "/nonexistent"})
+    assert found.source == "nvml"
+    assert [(g.index, g.device, g.name) for g in found.gpus] == [
+        (0, "GPU-fake-0", "Fake H200"), (1, "GPU-fake-1", "Fake H200")]
+    infos = found.sample({0: ["a"], 1: ["b"]})
+    assert [(i.memory_used_mb, i.memory_total_mb, i.utilization_pct, i.workers)
+            for i in infos] == [(1024.0, 81920.0, 37.0, ["a"]), (2048.0, 81920.0, None, ["b"])]
+    found.close()
+    assert fake.shut
+    only = discover({"PATH": "/nonexistent", "CUDA_VISIBLE_DEVICES": "GPU-fake-1"})
+    assert [g.index for g in only.gpus] == [1]
 
 
 @pytest.mark.timeout(10)
@@ -456,8 +516,9 @@ def test_node_reports_what_it_runs_to_a_fake_broker(tmp_path: Path) -> None:
                                                                                    [ids[1]]]
             node_reports(fake, lambda r: sorted(r.workers) == ids and not r.restarting,
                          what="the worker back")
-            fake.expect(lambda r: isinstance(r.msg, Ready) and r.msg.worker == ids[1],
-                        what="the restarted worker's Ready")
+            new_pid = wait_for("the restart", lambda: (started_pids(node)[ids[1]][1:] or [0])[0])
+            fake.expect(lambda r: isinstance(r.msg, Ready) and r.msg.pid == new_pid,
+                        what="the restarted worker's Ready")  # (not the killed one's, late)
             node.popen.send_signal(signal.SIGTERM)
             node_reports(fake, lambda r: r.stopping, what="a stopping report")
             for _ in ids:

@@ -50,6 +50,7 @@ class Discovery:
         self.source = source  # "nvml" | "nvidia-smi" | "CUDA_VISIBLE_DEVICES" | "none"
         self._nvml = nvml  # the pynvml module, initialised, when source == "nvml"
         self._sample_failed = False
+        self._handles: dict[str, Any] = {}  # uuid -> NVML device handle
 
     def sample(self, pinned: dict[int, list[str]]) -> list[GpuInfo]:
         """One GpuInfo per GPU with the worker ids pinned to it; memory and utilisation
@@ -66,7 +67,9 @@ class Discovery:
     def _read_nvml(self, gpu: Gpu, info: GpuInfo) -> None:
         nvml = self._nvml
         try:
-            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+            handle = self._handles.get(gpu.uuid)
+            if handle is None:
+                handle = self._handles[gpu.uuid] = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             info.memory_used_mb = round(memory.used / _MIB, 1)
             info.memory_total_mb = round(memory.total / _MIB, 1)
@@ -97,19 +100,20 @@ def discover(env: dict[str, str] | None = None) -> Discovery:
     env = dict(os.environ if env is None else env)
     visible = env.get(VISIBLE_ENV)
     found = _from_nvml()
+    smi = _from_nvidia_smi(env) if found is None else None
     if found is not None:
-        gpus, nvml = found
-        return _restricted(Discovery(gpus, "nvml", nvml), visible)
-    smi = _from_nvidia_smi(env)
-    if smi is not None:
-        return _restricted(Discovery(smi, "nvidia-smi"), visible)
-    if visible is not None:
-        gpus = from_visible_list(visible)
+        discovery = _restricted(Discovery(found[0], "nvml", found[1]), visible)
+    elif smi is not None:
+        discovery = _restricted(Discovery(smi, "nvidia-smi"), visible)
+    elif visible is not None:
+        discovery = Discovery(from_visible_list(visible), VISIBLE_ENV)
         log.info("using %s=%r as this host's GPUs (no NVML, no nvidia-smi: no names or "
                  "memory figures)", VISIBLE_ENV, visible)
-        return Discovery(gpus, VISIBLE_ENV)
-    log.info("no GPU found: workers run on the CPU")
-    return Discovery([], "none")
+    else:
+        discovery = Discovery([], "none")
+    if not discovery.gpus:
+        log.info("no GPU found: workers run on the CPU")
+    return discovery
 
 
 def _restricted(discovery: Discovery, visible: str | None) -> Discovery:
