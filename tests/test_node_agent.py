@@ -699,3 +699,27 @@ def test_node_joins_a_keyed_broker(tmp_path: Path) -> None:
             assert node.wait(30) == 0
         finally:
             node.terminate()
+
+
+@pytest.mark.timeout(90)
+def test_pack_chunks_reaches_the_workers(tmp_path: Path, broker: Proc) -> None:
+    if not worker_accepts("--pack-chunks"):
+        pytest.skip("this worker has no --pack-chunks flag yet")
+    node = start_node(tmp_path, broker.workers, toml="pack_chunks = true\n" + ECHO_NODE_TOML)
+    try:
+        async def main() -> list[str]:
+            async with AsyncClient(broker.clients, model="echo", retry=NO_RETRY) as client:
+                await wait_status(client, lambda s: sum(w.health == "ok"
+                                                        for w in s.workers) == 2)
+                return [r.text for r in await asyncio.gather(*(
+                    client.complete(f"p{i}", timeout=60) for i in range(6)))]
+
+        texts = run(main())
+        assert texts == [SCRIPT + SCRIPT.rsplit(" ", 2)[0]] * 6
+        for pids in started_pids(node).values():
+            argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
+            assert b"--pack-chunks" in argv
+        node.popen.send_signal(signal.SIGTERM)
+        assert node.wait(30) == 0
+    finally:
+        node.terminate()
