@@ -70,6 +70,7 @@ class Row(msgspec.Struct):
     sends_refused: int  # simulator sends refused by a full pipe (the broker not reading)
     broker_chunks: int  # the broker's own counters at the end
     broker_packs: int
+    stamps_checked: int  # client messages whose fast stamp parse a full decode confirmed
     saturated: bool
     # what gave out at a saturated point ("" if none): broker | simulators | client | machine
     # (none of them near a core: the machine's other work had the CPU)
@@ -172,6 +173,7 @@ def run_point(tmp: Path, path: str, workers: int, args: argparse.Namespace) -> R
         sims_cores=sims_cpu / wall, client_cores=client_cores, sim_steps_skipped=skipped,
         sends_refused=refused,
         broker_chunks=counters.get("chunks", 0), broker_packs=counters.get("packs", 0),
+        stamps_checked=report.checked,
         saturated=saturated, limit=limit, load_avg=os.getloadavg()[0],
     )
 

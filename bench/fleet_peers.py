@@ -59,7 +59,7 @@ from tokenhive.workers.packer import MAX_PACK_CHUNKS, PACK_HEAD, array_header, p
 MODEL = "fleet"
 ID_WIDTH = 8  # request ids "00000042": the stamp sits at a fixed offset in every chunk
 STAMP_ZERO = b"0" * 19
-CHECK_EVERY = 997  # messages between full decodes that check the fast stamp parse
+CHECK_EVERY = 101  # messages between full decodes that check the fast stamp parse
 HEARTBEAT_S = 1.0
 
 _TEMPLATE = encode(Chunk(id="0" * ID_WIDTH, seq=0, text=STAMP_ZERO.decode(), tokens=1))

@@ -11,6 +11,7 @@ terminal each, whichever client and whatever is cancelled.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import time
@@ -21,6 +22,7 @@ import pytest
 import uvloop
 import zmq
 
+from bench.fleet import run_point
 from tests.support.broker_peers import FakeClient
 from tests.support.procs import Proc, ipc_address, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
@@ -507,3 +509,25 @@ def test_a_gguf_worker_packs_one_decode_step_of_several_sequences(
     assert any(len({c.id for c in p.chunks}) > 1 for p in packs)
     assert status.counters["packs"] == len(packs) > 0
     assert status.counters["chunks"] == sum(len(c) for c in chunks.values())
+
+
+@pytest.mark.timeout(120)
+def test_fleet_bench_measures_both_paths_through_a_real_broker(tmp_path: Path) -> None:
+    """bench.fleet's own machinery at a tiny size: the simulated workers' steps reach the
+    client whole on both paths, one message per step and client when packed, and the fast
+    stamp parse agrees with msgspec's decode."""
+    args = argparse.Namespace(streams=4, step_hz=50.0, warmup=0.2, window=1.0, sim_procs=2)
+    rows = {}
+    for path in ("chunk", "packed"):
+        (tmp_path / path).mkdir()
+        rows[path] = run_point(tmp_path / path, path, 2, args)
+    for row in rows.values():
+        assert row.offered_chunks_s == 2 * 4 * 50
+        assert row.delivered_chunks_s == pytest.approx(row.offered_chunks_s, rel=0.25)
+        assert row.stamps_checked > 0 and 0 < row.p50_us <= row.p99_us
+        assert row.broker_chunks >= row.delivered_chunks_s * args.window  # the whole run's
+    chunk, packed = rows["chunk"], rows["packed"]
+    assert chunk.broker_packs == 0 and chunk.messages_s == pytest.approx(chunk.delivered_chunks_s)
+    # packed: one message per worker step (4 streams of one client each)
+    assert packed.broker_packs > 0
+    assert packed.messages_s == pytest.approx(packed.delivered_chunks_s / 4, rel=0.05)
