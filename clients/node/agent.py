@@ -34,6 +34,7 @@ EXIT_ALL_FAILED = 1
 # only after both may the supervisor kill it.
 STOP_MARGIN_S = 5.0
 LAST_REPORT_WAIT_S = 2.0
+UNSENT_WARN = 5  # reports in a row that found no connection before the node says so
 
 
 class NodeAgent:
@@ -61,6 +62,7 @@ class NodeAgent:
         self._all_failed = asyncio.Event()
         self._signals = 0
         self._reporting = True  # the reporter's loop runs while this holds
+        self._unsent = 0  # reports in a row that could not leave
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -151,12 +153,26 @@ class NodeAgent:
                 gpus = await asyncio.to_thread(self.discovery.sample, pinned)
             else:
                 gpus = self.discovery.sample(pinned)
-            link.send_or_drop(self._report(gpus))
+            self._note_delivery(link.send_or_drop(self._report(gpus)))
             try:  # (not wait_for: on 3.11 it may swallow a cancel that meets a set event)
                 async with asyncio.timeout(interval):
                     await self._changed.wait()
             except TimeoutError:
                 pass  # the periodic report
+
+    def _note_delivery(self, sent: bool) -> None:
+        """One warning when reports stop getting out (no connection: the broker is down,
+        unreachable, or refuses our CURVE key), one line when they get out again."""
+        if sent:
+            if self._unsent >= UNSENT_WARN:
+                log.info("node reports reach the broker again", extra={"broker": self.join})
+            self._unsent = 0
+            return
+        self._unsent += 1
+        if self._unsent == UNSENT_WARN:
+            log.warning("no connection to the broker: node reports are not getting out (is "
+                        "it running and reachable, and are the CURVE keys right?)",
+                        extra={"broker": self.join})
 
     def _pinned(self) -> dict[int, list[str]]:
         """GPU index -> the ids of the workers on it that are running or coming back."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import typing
+from typing import Any
 
 import msgspec
 import zmq
@@ -53,9 +55,15 @@ class ReportLink:
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="node-inbox")
 
     def send_or_drop(self, report: NodeReport) -> bool:
-        try:
-            self.sock.send_multipart(_frames(report), flags=zmq.NOBLOCK)
-        except zmq.Again:
+        # zmq.asyncio answers a NOBLOCK send with a future that is already done: sent, or
+        # failed with zmq.Again (no connection, full pipe); it raises nothing itself.
+        sending = typing.cast("asyncio.Future[Any]", self.sock.send_multipart(
+            _frames(report), flags=zmq.NOBLOCK))
+        if not sending.done():  # not expected with NOBLOCK; let it finish on its own
+            sending.add_done_callback(_retrieve)
+        elif (exc := sending.exception()) is not None:
+            if not isinstance(exc, zmq.Again):
+                raise exc
             self.dropped += 1
             return False
         self.sent += 1
@@ -96,6 +104,11 @@ class ReportLink:
             else:
                 log.debug("broker message ignored by the node", extra={
                     "type": type(msg).__name__})
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("a node report was not sent", extra={"error": str(future.exception())})
 
 
 def _frames(report: NodeReport) -> list[bytes]:
