@@ -746,3 +746,19 @@ def test_node_says_once_when_reports_find_no_broker_and_when_they_do_again(
             assert "Traceback" not in node.stderr_text()  # dropped reports are no errors
     finally:
         node.terminate()
+
+
+@pytest.mark.gemma
+@pytest.mark.timeout(120)
+def test_without_a_config_the_node_serves_the_default_model_on_every_gpu() -> None:
+    from tokenhive.clients.node.command import node_plan
+    from tokenhive.clients.node.gpus import Discovery
+
+    on_gpus = node_plan(NodeConfig(node="box"), Discovery(gpus(2), "nvidia-smi"))
+    assert [w.worker_id for w in on_gpus.workers] == ["box-gemma3-270m-gpu0",
+                                                      "box-gemma3-270m-gpu1"]
+    assert all(isinstance(w.spec, GGUFSpec) and w.spec.n_gpu_layers == -1
+               for w in on_gpus.workers)
+    on_cpu = node_plan(NodeConfig(node="box"), Discovery([], "none"))
+    assert [w.worker_id for w in on_cpu.workers] == ["box-gemma3-270m-cpu0"]
+    assert isinstance(on_cpu.workers[0].spec, GGUFSpec) and on_cpu.workers[0].spec.n_gpu_layers == 0
