@@ -80,7 +80,7 @@ def test_plan_two_gpus_per_worker_on_four_gpus() -> None:
         assert (w.spec.id, w.spec.count, w.spec.n_gpu_layers) == (w.worker_id, 1, -1)
     assert plan.pinned() == {0: ["box-big-gpu0"], 1: ["box-big-gpu0"],
                              2: ["box-big-gpu2"], 3: ["box-big-gpu2"]}
-    assert plan.unused == []
+    assert plan.notes == []
 
 
 @pytest.mark.timeout(10)
@@ -92,7 +92,10 @@ def test_plan_one_worker_per_gpu_per_spec_and_leftovers() -> None:
         ("box-bee-gpu2", "2"), ("box-bee-gpu0", "0")]
     odd = plan_workers("box", [EchoSpec(model="a")], gpus(3), gpus_per_worker=2)
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in odd.workers] == ["0,1"]
-    assert odd.unused and "GPU 2 left without a worker" in odd.unused[0]
+    assert odd.notes and "GPU 2 left without a worker" in odd.notes[0]
+    counted = plan_workers("box", [EchoSpec(model="a", count=3)], gpus(2))
+    assert len(counted.workers) == 2 and "count = 3 is for hosts without a GPU" in (
+        counted.notes[0])
 
 
 @pytest.mark.timeout(10)

@@ -182,6 +182,6 @@ def node_plan(config: NodeConfig, discovery: Discovery) -> NodePlan:
             raw["n_gpu_layers"] = -1  # a GPU node: every layer on its GPU
         specs = [msgspec.convert(raw, type=AnyWorkerSpec)]  # type: ignore[arg-type]
     plan = plan_workers(config.node, specs, discovery.gpus, config.gpus_per_worker)
-    for why in plan.unused:
-        log.warning(why)
+    for note in plan.notes:
+        log.warning(note)
     return plan

@@ -28,7 +28,7 @@ class WorkerPlan(msgspec.Struct, frozen=True):
 
 class NodePlan(msgspec.Struct, frozen=True):
     workers: list[WorkerPlan]
-    unused: list[str] = msgspec.field(default_factory=list)  # why some GPUs got no worker
+    notes: list[str] = msgspec.field(default_factory=list)  # worth a log line: GPUs left idle...
 
     def pinned(self) -> dict[int, list[str]]:
         """GPU index -> the worker ids that see it."""
@@ -47,14 +47,17 @@ def plan_workers(node: str, specs: list[AnyWorkerSpec], gpus: list[Gpu],
     if gpus_per_worker < 1:
         raise ConfigError(f"gpus_per_worker must be >= 1, got {gpus_per_worker}")
     workers: list[WorkerPlan] = []
-    unused: list[str] = []
+    notes: list[str] = []
     for i, spec in enumerate(specs):
         name = spec.id or spec.model
         where = f"workers[{i}] ({name})"
         if gpus:
             groups, left = _gpu_groups(where, spec, gpus, gpus_per_worker)
+            if spec.count > 1:
+                notes.append(f"{where}: count = {spec.count} is for hosts without a GPU; "
+                             "here it runs one worker per GPU group")
             if left:
-                unused.append(f"{where}: GPU {', '.join(str(g.index) for g in left)} left "
+                notes.append(f"{where}: GPU {', '.join(str(g.index) for g in left)} left "
                               f"without a worker ({gpus_per_worker} per worker)")
             for group in groups:
                 env = {**spec.env, NODE_ENV: node,
@@ -72,7 +75,7 @@ def plan_workers(node: str, specs: list[AnyWorkerSpec], gpus: list[Gpu],
     if twice := sorted({w for w in ids if ids.count(w) > 1}):
         raise ConfigError(f"two workers would get the id {', '.join(twice)}: give the specs "
                           "of one model distinct `id`s")
-    return NodePlan(workers, unused)
+    return NodePlan(workers, notes)
 
 
 def _gpu_groups(where: str, spec: AnyWorkerSpec, gpus: list[Gpu],
