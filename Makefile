@@ -65,7 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.serve --backend echo
 	$(BIN)/python -m bench.serve --concurrency 1,8,16 --api chat
-	$(BIN)/python -m bench.http_transport
+	$(BIN)/python -m bench.fleet
 
 clean:
 	rm -rf $(VENV) build out *.egg-info .pytest_cache .mypy_cache .ruff_cache

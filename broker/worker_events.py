@@ -11,7 +11,7 @@ import logging
 
 import msgspec
 
-from tokenhive.broker import wire
+from tokenhive.broker import packs, wire
 from tokenhive.broker.cost import cost_usd
 from tokenhive.broker.flow import JobFlow
 from tokenhive.broker.job import Job
@@ -19,7 +19,13 @@ from tokenhive.broker.nodes import report_problem
 from tokenhive.broker.registry import Worker
 from tokenhive.broker.state import BrokerState
 from tokenhive.schemas.errors import ErrorCode
-from tokenhive.schemas.frames import ROUTE_CHUNK, ROUTE_END, encode, worker_msg_decoder
+from tokenhive.schemas.frames import (
+    ROUTE_CHUNK,
+    ROUTE_END,
+    ROUTE_PACK,
+    encode,
+    worker_msg_decoder,
+)
 from tokenhive.schemas.messages import (
     Error,
     Final,
@@ -96,6 +102,8 @@ class WorkerEvents:
                 self.on_chunk(ident, route, body)
             elif tag == ROUTE_END and len(route) > 1:
                 self.on_end(ident, route, body)
+            elif tag == ROUTE_PACK and len(route) > 1:  # the loop's hot path takes real ones
+                packs.on_pack(state, ident, route, body)
             else:
                 self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST,
                              f"unknown route frame {route[:16]!r}")

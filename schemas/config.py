@@ -124,6 +124,9 @@ class WorkerSpec(msgspec.Struct, tag_field="backend", forbid_unknown_fields=True
     env: dict[str, str] = msgspec.field(default_factory=dict)
     coalesce_ms: float = 0.0  # merge tokens produced within this window into one chunk
     degraded_after_errors: int = 3  # consecutive backend errors that turn health degraded
+    # One decode step's chunks for the same client in one message (``Pack``): many fewer
+    # broker messages for batch clients with many streams; a lone chunk goes out as is.
+    pack_chunks: bool = False
 
 
 class EchoSpec(WorkerSpec, tag="echo"):

@@ -147,10 +147,7 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: WorkerConfig) -> int:
-    runtime = WorkerRuntime(config)
-    if config.pack_chunks:
-        runtime.link.enable_packing()
-    return await runtime.run()
+    return await WorkerRuntime(config).run()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,6 +102,8 @@ class WorkerRuntime:
             liveness=config.heartbeat_liveness, reconnect_max=config.reconnect_max, curve=curve,
         )
         self.link = self.conn.link
+        if config.pack_chunks or self.spec.pack_chunks:  # chunks per loop turn, per client
+            self.link.enable_packing()
         self.health = HealthTracker(self.spec.degraded_after_errors)
         self.jobs: dict[bytes, Job] = {}
         self.info = BackendInfo(backend=self.kind)
