@@ -28,9 +28,9 @@ from prometheus_client import generate_latest
 from tokenhive.broker.auth import curve_problems
 from tokenhive.broker.loop import BrokerServer
 from tokenhive.broker.metrics_collect import broker_registry
-from tokenhive.broker.metrics_http import MetricsServer
 from tokenhive.broker.validate import config_problems
 from tokenhive.logs import configure_logging
+from tokenhive.metrics_http import MetricsServer
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.transport import CurveKeyError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 
 from tokenhive.broker.balancer import BALANCERS
-from tokenhive.broker.metrics_http import metrics_problems
 from tokenhive.broker.validate_gateway import gateway_problems
+from tokenhive.metrics_http import metrics_problems
 from tokenhive.schemas.config import BrokerConfig
 
 MIN_MESSAGE_BYTES = 4096  # below this even a small request or a status reply would not fit

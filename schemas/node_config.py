@@ -45,6 +45,8 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # join a non-loopback tcp endpoint without CURVE keys (traffic in the clear)
     insecure: bool = False
     log_level: str = "info"
+    # Prometheus text on http://HOST:PORT/metrics (GPUs, worker states, restarts); "" = off
+    metrics: str = ""
     # As in a pool file. On a GPU host every spec gets one worker per GPU (or per group of
     # gpus_per_worker), over its own ``gpus`` list when it has one; ``count`` is the number
     # of replicas on a host with no GPU.

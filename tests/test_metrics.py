@@ -21,11 +21,12 @@ from tests.support.broker_peers import FakeClient
 from tests.support.procs import ipc_address, start_broker
 from tests.support.worker_peers import WorkerProc, start_worker
 from tests.test_cli import UpProcess
+from tokenhive import metrics_http
 from tokenhive.broker import metrics as metrics_module
-from tokenhive.broker import metrics_collect, metrics_http
+from tokenhive.broker import metrics_collect
 from tokenhive.broker.metrics import GAP_BUCKETS, BrokerMetrics
 from tokenhive.broker.metrics_collect import broker_registry
-from tokenhive.broker.metrics_http import MetricsServer, parse_address
+from tokenhive.metrics_http import MetricsServer, parse_address
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.messages import (
     Chunk,

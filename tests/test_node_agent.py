@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import types
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,11 +25,12 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenhive.clients import NO_RETRY, AsyncClient
 from tokenhive.clients.cli.main import main as cli_main
 from tokenhive.clients.node import gpus as gpus_module
-from tokenhive.clients.node.command import worker_accepts, worker_flags
+from tokenhive.clients.node.command import worker_flags
 from tokenhive.clients.node.gpus import Gpu, discover, restrict, visible_tokens
 from tokenhive.clients.node.plan import plan_workers
 from tokenhive.schemas.config import ConfigError, EchoSpec, GGUFSpec
@@ -343,13 +345,7 @@ def test_worker_flags_pass_timing_keys_and_packing(tmp_path: Path) -> None:
     assert worker_flags(keyed)[4:] == [  # the FILES, absolute: workers read the keys themselves
         "--curve-secret-key", str(Path("keys/n1.key_secret").resolve()),
         "--curve-server-key", str(Path("keys/broker.key").resolve())]
-    assert not worker_accepts("--no-such-flag")
-    packing = NodeConfig(pack_chunks=True)
-    if worker_accepts("--pack-chunks"):
-        assert worker_flags(packing)[-1] == "--pack-chunks"
-    else:
-        with pytest.raises(ConfigError, match="no --pack-chunks flag"):
-            worker_flags(packing)
+    assert worker_flags(NodeConfig(pack_chunks=True))[-1] == "--pack-chunks"
 
 
 # -- the node as a process ------------------------------------------------------------------
@@ -418,7 +414,7 @@ def broker(tmp_path: Path) -> Iterator[Proc]:
 @pytest.mark.timeout(120)
 def test_node_pins_restarts_and_drains_against_a_real_broker(tmp_path: Path,
                                                              broker: Proc) -> None:
-    node = start_node(tmp_path, broker.workers)
+    node = start_node(tmp_path, broker.workers, "--metrics", "127.0.0.1:0")
     ids = {f"{NODE}-echo-gpu0": "0", f"{NODE}-echo-gpu1": "1"}
     try:
         async def registered() -> None:
@@ -448,6 +444,24 @@ def test_node_pins_restarts_and_drains_against_a_real_broker(tmp_path: Path,
         new_pid = wait_for("a restarted worker", lambda: (
             started_pids(node)[victim][1:2] or [None])[0])
         assert new_pid != pids[victim][0] and environ(new_pid)["CUDA_VISIBLE_DEVICES"] == "1"
+        # the node's own /metrics: both workers running again, the victim restarted once
+        url = next(r["url"] for r in node.log_records() if r.get("msg") == "node metrics")
+
+        def node_metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                text = answer.read().decode()
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(text)
+                       for s in family.samples}
+            running = [k for k, v in samples.items() if k[0] == "tokenhive_node_worker_state"
+                       and ("state", "running") in k[1] and v == 1.0]
+            return samples if len(running) == 2 else None
+
+        samples = wait_for("both workers running in /metrics", node_metrics)
+        restarts = {dict(labels)["worker"]: value for (name, labels), value in samples.items()
+                    if name == "tokenhive_node_worker_restarts_total"}
+        assert restarts == {f"{NODE}-echo-gpu0": 0.0, victim: 1.0}
+        assert samples[("tokenhive_node_stopping", (("node", NODE),))] == 0.0
 
         async def streams_survive_sigterm() -> None:
             async with AsyncClient(broker.clients, model="echo", retry=NO_RETRY) as client:
@@ -707,8 +721,6 @@ def test_node_joins_a_keyed_broker(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_pack_chunks_reaches_the_workers(tmp_path: Path, broker: Proc) -> None:
-    if not worker_accepts("--pack-chunks"):
-        pytest.skip("this worker has no --pack-chunks flag yet")
     node = start_node(tmp_path, broker.workers, toml="pack_chunks = true\n" + ECHO_NODE_TOML)
     try:
         async def main() -> list[str]:

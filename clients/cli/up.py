@@ -18,7 +18,6 @@ from pathlib import Path
 
 import msgspec
 
-from tokenhive.broker.metrics_http import metrics_problems
 from tokenhive.clients.async_client import AsyncClient
 from tokenhive.clients.cli.common import (
     EXIT_FAILED,
@@ -37,6 +36,7 @@ from tokenhive.clients.pool.options import (
 )
 from tokenhive.clients.pool.pool import PoolProcesses
 from tokenhive.clients.pool.supervisor import State
+from tokenhive.metrics_http import metrics_problems
 from tokenhive.schemas.config import DEFAULT_WORKERS, PoolConfig
 from tokenhive.schemas.errors import TokenHiveError
 from tokenhive.transport import CurveKeyError

@@ -17,12 +17,16 @@ import logging
 import signal
 from pathlib import Path
 
+from prometheus_client import generate_latest
+
 from tokenhive import transport
 from tokenhive.clients.node.gpus import Discovery
+from tokenhive.clients.node.metrics import node_registry
 from tokenhive.clients.node.plan import NodePlan, WorkerPlan
 from tokenhive.clients.node.report_link import ReportLink
 from tokenhive.clients.pool.pool import worker_argv, worker_stdin
 from tokenhive.clients.pool.supervisor import ProcessSpec, Replica, State, Supervisor
+from tokenhive.metrics_http import MetricsServer
 from tokenhive.schemas.messages import GpuInfo, NodeReport
 from tokenhive.schemas.node_config import NodeConfig
 
@@ -61,6 +65,7 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._all_failed = asyncio.Event()
         self._signals = 0
+        self.gpus: list[GpuInfo] = []  # as the last report sampled them (for /metrics)
         self._reporting = True  # the reporter's loop runs while this holds
         self._unsent = 0  # reports in a row that could not leave
 
@@ -72,7 +77,13 @@ class NodeAgent:
             loop.add_signal_handler(sig, self._on_signal, sig)
         link = ReportLink(self.join, self.node, self.curve)
         reporter: asyncio.Task[None] | None = None
+        metrics: MetricsServer | None = None
         try:
+            if self.config.metrics:  # before the workers: a bad address fails at once
+                registry = node_registry(self)
+                metrics = MetricsServer(lambda: generate_latest(registry))
+                bound = await metrics.start(self.config.metrics)
+                log.info("node metrics", extra={"url": f"http://{bound}/metrics"})
             self._start_workers()
             log.info("node started", extra={
                 "node": self.node, "broker": self.join, "gpus_from": self.discovery.source,
@@ -107,6 +118,8 @@ class NodeAgent:
                 await asyncio.gather(reporter, return_exceptions=True)
             await self.supervisor.stop(grace=1.0)  # after an error above: leave no child
             await link.close()
+            if metrics is not None:
+                await metrics.close()
             self.discovery.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -153,6 +166,7 @@ class NodeAgent:
                 gpus = await asyncio.to_thread(self.discovery.sample, pinned)
             else:
                 gpus = self.discovery.sample(pinned)
+            self.gpus = gpus
             self._note_delivery(link.send_or_drop(self._report(gpus)))
             try:  # (not wait_for: on 3.11 it may swallow a cancel that meets a set event)
                 async with asyncio.timeout(interval):

@@ -34,6 +34,7 @@ from tokenhive.clients.node.agent import NodeAgent
 from tokenhive.clients.node.gpus import Discovery, discover
 from tokenhive.clients.node.plan import NodePlan, plan_workers
 from tokenhive.clients.pool.options import default_spec_dict
+from tokenhive.metrics_http import metrics_problems
 from tokenhive.schemas.config import AnyWorkerSpec, ConfigError
 from tokenhive.schemas.node_config import (
     NODE_ID,
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the broker's public CURVE key (*.key)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="join a non-loopback tcp endpoint without CURVE keys")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus text on http://HOST:PORT/metrics (a bare PORT "
+                             "binds loopback): GPU memory and use, worker states, restarts")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                         help="logs on stderr at this level (default: the config's, else info)")
     add_log_format(parser)
@@ -99,7 +103,7 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
     overrides: dict[str, Any] = {
         "join": args.join, "node": args.node_id, "curve_secret_key": args.curve_secret_key,
         "curve_server_key": args.curve_server_key, "insecure": args.insecure,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "metrics": args.metrics,
     }
     config = msgspec.structs.replace(
         config, **{k: v for k, v in overrides.items() if v is not None})
@@ -113,7 +117,7 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
         if not NODE_ID.fullmatch(host):
             raise ConfigError(f"the host name {host!r} is no usable node id: give --node-id")
         config = msgspec.structs.replace(config, node=host)
-    if problems := node_config_problems(config):
+    if problems := node_config_problems(config) + metrics_problems(config.metrics):
         raise ConfigError("; ".join(problems))
     if not config.curve_secret_key and not config.insecure and not transport.is_loopback(
             config.join):
@@ -156,21 +160,8 @@ def worker_flags(config: NodeConfig) -> list[str]:
         flags += ["--curve-secret-key", str(Path(config.curve_secret_key).resolve()),
                   "--curve-server-key", str(Path(config.curve_server_key).resolve())]
     if config.pack_chunks:
-        if not worker_accepts("--pack-chunks"):
-            raise ConfigError("pack_chunks = true, but this install's worker has no "
-                              "--pack-chunks flag")
         flags.append("--pack-chunks")
     return flags
-
-
-def worker_accepts(flag: str) -> bool:
-    """Whether ``tokenhive worker`` takes ``flag`` (a flag without a value)."""
-    from tokenhive.workers import command as worker_command
-
-    parser = argparse.ArgumentParser(add_help=False)
-    worker_command.add_arguments(parser)
-    _, unknown = parser.parse_known_args([flag])
-    return not unknown
 
 
 def node_plan(config: NodeConfig, discovery: Discovery) -> NodePlan:

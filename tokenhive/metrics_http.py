@@ -1,4 +1,5 @@
-"""A tiny HTTP server for ``GET /metrics``, inside the broker's own asyncio loop.
+"""A tiny HTTP server for ``GET /metrics``, inside the asyncio loop of the process it reports
+on (the broker, a node agent).
 
 It runs on the loop that runs the broker, so rendering (``render``, which reads the broker
 state) happens between two of the broker's own callbacks and never races with them. It
