@@ -54,8 +54,9 @@ say "$NGPU GPU(s): ${UUIDS[*]}"
 # workers then run on the CPU; the tok/s mean nothing)
 [ "${SKIP_OFFLOAD_CHECK:-0}" = 1 ] \
     || "$PY" -c 'import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' \
-    || fail 4 "llama-cpp-python here cannot offload to a GPU: rebuild it with CUDA" \
-              "(CMAKE_ARGS=-DGGML_CUDA=on)"
+    || fail 4 "llama-cpp-python here cannot offload to a GPU: rebuild it with CUDA:" \
+              "make clean && TOKENHIVE_LLAMA_CMAKE_ARGS=-DGGML_CUDA=on make install" \
+              "(needs the CUDA toolkit's nvcc)"
 TH=("$PY" -m tokenhive.clients.cli.main)
 
 # -- 2. keys, the model, a broker --------------------------------------------------------------
