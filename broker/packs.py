@@ -122,7 +122,7 @@ def _forward_some(state: BrokerState, ident: bytes, jobs: list[Job | None], body
     state.counts["late_chunks"] += len(jobs) - len(kept)
     if not kept:
         if state.registry.get(ident) is None:
-            _reregister(state, ident)
+            state.ask_reregister(ident)
         return
     pruned = _without_dead(body, live)
     if pruned is None:
@@ -150,12 +150,3 @@ def _reject(state: BrokerState, ident: bytes, message: str) -> None:
     state.send_worker_ident(ident, wire.rejected_body(ErrorCode.INVALID_REQUEST, message))
 
 
-def _reregister(state: BrokerState, ident: bytes) -> None:
-    """An unknown worker streams: ask it for Ready, at most once per heartbeat interval
-    (the rule of ``WorkerEvents._reregister``, over the same ``state.rereg_sent``)."""
-    sent = state.rereg_sent.get(ident)
-    if sent is not None and state.now - sent < state.cfg.heartbeat_interval:
-        return
-    state.rereg_sent[ident] = state.now
-    state.counts["reregister_sent"] += 1
-    state.send_worker_ident(ident, wire.REREGISTER)

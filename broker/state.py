@@ -25,6 +25,7 @@ from tokenhive.broker.registry import Worker, WorkerRegistry
 from tokenhive.broker.sink import GONE, Sink
 from tokenhive.broker.spend import SpendBook
 from tokenhive.broker.status import COUNTERS
+from tokenhive.broker.wire import REREGISTER
 from tokenhive.schemas.config import BrokerConfig
 
 
@@ -106,6 +107,15 @@ class BrokerState:
         if rc:
             self.counts["send_failures"] += 1
             self.troubled_workers[worker.ident] = rc
+
+    def ask_reregister(self, ident: bytes) -> None:
+        """Tell an unknown worker to send Ready, at most once per heartbeat interval."""
+        sent = self.rereg_sent.get(ident)
+        if sent is not None and self.now - sent < self.cfg.heartbeat_interval:
+            return
+        self.rereg_sent[ident] = self.now
+        self.counts["reregister_sent"] += 1
+        self.send_worker_ident(ident, REREGISTER)
 
     def send_worker_ident(self, ident: bytes, body: bytes) -> None:
         """A reply by identity (the peer may not be a registered worker): a failure is

@@ -192,7 +192,7 @@ class WorkerEvents:
     def on_heartbeat(self, ident: bytes, hb: Heartbeat) -> None:
         worker = self.state.registry.get(ident)
         if worker is None:
-            self._reregister(ident)
+            self.state.ask_reregister(ident)
             return
         if hb.health is not worker.health:
             log.info("worker health", extra={"worker": worker.name, "health": hb.health.value,
@@ -272,17 +272,7 @@ class WorkerEvents:
         """A stream message for a request that is not (or no longer) in flight there."""
         self.state.counts[counter] += 1
         if self.state.registry.get(ident) is None:
-            self._reregister(ident)
-
-    def _reregister(self, ident: bytes) -> None:
-        """Tell an unknown worker to send Ready, at most once per heartbeat interval."""
-        state = self.state
-        sent = state.rereg_sent.get(ident)
-        if sent is not None and state.now - sent < state.cfg.heartbeat_interval:
-            return
-        state.rereg_sent[ident] = state.now
-        state.counts["reregister_sent"] += 1
-        state.send_worker_ident(ident, wire.REREGISTER)
+            self.state.ask_reregister(ident)
 
     def _reject(self, ident: bytes, counter: str, code: ErrorCode, message: str) -> None:
         self.state.counts[counter] += 1

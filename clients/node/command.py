@@ -33,7 +33,7 @@ from tokenhive.clients.cli.common import EXIT_USAGE, LOG_LEVELS, add_log_format,
 from tokenhive.clients.node.agent import NodeAgent
 from tokenhive.clients.node.gpus import Discovery, discover
 from tokenhive.clients.node.plan import NodePlan, plan_workers
-from tokenhive.clients.pool.options import default_spec_dict
+from tokenhive.clients.pool.options import default_spec_dict, read_workers_file
 from tokenhive.metrics_http import metrics_problems
 from tokenhive.schemas.config import AnyWorkerSpec, ConfigError
 from tokenhive.schemas.node_config import (
@@ -129,17 +129,7 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def read_node_file(path: Path) -> NodeConfig:
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        config = load_node_config(text)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if not config.workers:
-        raise ConfigError(f"{path}: no [[workers]] defined")
-    return config
+    return read_workers_file(path, load_node_config)
 
 
 def curve_keys(config: NodeConfig) -> transport.CurveKeys | None:

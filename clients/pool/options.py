@@ -8,8 +8,9 @@ worker of the default model (Gemma 3 270M, ``tokenhive.workers.models.default``)
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -58,17 +59,32 @@ def pool_config_from_args(args: argparse.Namespace) -> PoolConfig:
     return PoolConfig(workers=[spec_from_flags(args)])
 
 
-def read_pool_file(path: Path) -> PoolConfig:
+C = TypeVar("C", bound="HasWorkers")
+
+
+class HasWorkers(Protocol):
+    @property
+    def workers(self) -> list[AnyWorkerSpec]: ...
+
+
+def read_workers_file(path: Path, load: Callable[[bytes], C]) -> C:
+    """A pool or node TOML file through ``load``; ConfigError naming the file and the problem
+    (unreadable, a bad or unknown key, no ``[[workers]]``)."""
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        config = load_pool_config(text)
+        config = load(text)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not config.workers:
         raise ConfigError(f"{path}: no [[workers]] defined")
+    return config
+
+
+def read_pool_file(path: Path) -> PoolConfig:
+    config = read_workers_file(path, load_pool_config)
     check_pool(config)
     return config
 

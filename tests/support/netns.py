@@ -17,6 +17,16 @@ import subprocess
 import uuid
 
 
+def kill_all(pids: list[int]) -> list[int]:
+    """SIGKILL all of ``pids`` at once (those already gone are skipped); returns them."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
@@ -91,13 +101,7 @@ class Hosts:
 
     def kill_all(self, name: str) -> list[int]:
         """SIGKILL every process in ``name``'s namespace at once: the host is gone."""
-        pids = self.pids(name)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return pids
+        return kill_all(self.pids(name))
 
     def close(self) -> None:
         for name in self.names:
