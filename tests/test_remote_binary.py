@@ -386,7 +386,8 @@ async def test_real_llama_completion_bad_model_fails(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="llama-completion exited with status 1") as info:
         await run(backend, completion())
     # llama.cpp logs from a background thread and sometimes exits before it flushes, so
-    # stderr may be empty; when it is not, its tail is what the error carries. (Carrying
-    # stderr is asserted deterministically in test_nonzero_exit_carries_stderr_tail.)
-    detail = info.value.message.split(": ", 1)[1]
-    assert not detail or "model" in detail.lower()
+    # stderr may be empty or stop at any earlier line (CI once saw only "llama backend
+    # init"); when it is not empty, its tail, llama.cpp's own log, is what the error carries.
+    # (Carrying stderr is asserted deterministically in test_nonzero_exit_carries_stderr_tail.)
+    detail = info.value.message.split(": ", 1)[1].lower()
+    assert not detail or "model" in detail or "llama" in detail
