@@ -167,6 +167,12 @@ class WorkerEvents:
                 self._reject(ident, "worker_claims_refused", ErrorCode.INVALID_REQUEST,
                              f"worker id {ready.worker!r} is registered to another key")
                 return
+            # A node's workers use its key (the agent hands it to them): a worker of another
+            # key may not put itself in that node's group, and so share its health and rank.
+            if ready.node and self.node_owners.setdefault(ready.node, user) != user:
+                self._reject(ident, "worker_claims_refused", ErrorCode.INVALID_REQUEST,
+                             f"node {ready.node!r} is registered to another key")
+                return
         state, registry = self.state, self.state.registry
         previous = registry.get(ident)
         if previous is not None and not previous.active and not previous.cancelling:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_broker_core import C1, Harness
 from tokenhive.schemas.errors import ErrorCode
-from tokenhive.schemas.frames import encode
+from tokenhive.schemas.frames import VERSION_FRAME, encode
 from tokenhive.schemas.messages import (
     Chunk,
     DrainNode,
@@ -23,6 +23,7 @@ from tokenhive.schemas.messages import (
     NodeHealth,
     NodeReport,
     NodeStatus,
+    Ready,
     Rejected,
 )
 
@@ -184,3 +185,24 @@ def test_workers_without_node_serve_as_before() -> None:
     h.ready(b"w1")
     h.submit("r1")
     assert len(h.dispatches(b"w1")) == 1 and h.status().nodes == []
+
+
+@pytest.mark.timeout(30)
+def test_with_keys_a_node_and_its_workers_belong_to_the_first_key() -> None:
+    """Under CURVE the loop passes each control message's key: a node id (from a report or
+    a worker's Ready) belongs to the first key that used it; another key is refused."""
+    h = Harness()
+    report_body = encode(NodeReport(node="a", workers=["wa1"]))
+    h.core.on_worker_frames([b"agent-a", VERSION_FRAME, b"", report_body], "KEY-A")
+    ready = Ready(worker="wa1", model="m", backend="test", slots=1, node="a")
+    h.core.on_worker_frames([b"wa1", VERSION_FRAME, b"", encode(ready)], "KEY-A")
+    rogue = Ready(worker="rogue", model="m", backend="test", slots=1, node="a")
+    h.core.on_worker_frames([b"rogue", VERSION_FRAME, b"", encode(rogue)], "KEY-B")
+    h.core.on_worker_frames([b"fake-agent", VERSION_FRAME, b"", encode(
+        NodeReport(node="a", workers=[], stopping=True))], "KEY-B")
+    refused = [m.message for ident in (b"rogue", b"fake-agent")
+               for m in h.sink.worker_msgs(ident, Rejected)]
+    assert len(refused) == 2 and all("registered to another key" in m for m in refused)
+    a = node_of(h, "a")
+    assert a.workers == ["wa1"] and not a.draining and a.health is NodeHealth.OK
+    assert h.status().counters["worker_claims_refused"] == 2
