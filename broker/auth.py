@@ -10,7 +10,10 @@ register as a worker there and read other people's prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
+
+import zmq.auth
 
 from tokenhive import transport
 from tokenhive.schemas.config import BrokerConfig
@@ -49,6 +52,27 @@ def curve_problems(cfg: BrokerConfig) -> list[str]:
                 "network could connect; give --curve-secret-key and --curve-allow, or "
                 "--insecure"]
     return []
+
+
+def operator_check(cfg: BrokerConfig, curve: BrokerCurve | None) -> Callable[[str | None], bool]:
+    """Who may send operator messages (DrainNode, MarkModelFailed), by CURVE key: with keyed
+    clients, the broker's own key and those in ``curve_allow_admins`` (read at each check, so
+    a removed key loses the right at once). A plain client side (loopback or ipc) has no keys
+    to tell apart: every client there may (``user`` is None)."""
+    own = curve.keys.public.decode() if curve is not None else None
+    directory = cfg.curve_allow_admins
+
+    def may_operate(user: str | None) -> bool:
+        if user is None or user == own:
+            return True
+        if not directory:
+            return False
+        try:
+            return bool(zmq.auth.load_certificates(directory).get(user.encode()))
+        except OSError:
+            return False
+
+    return may_operate
 
 
 def broker_curve(cfg: BrokerConfig) -> BrokerCurve | None:

@@ -61,6 +61,8 @@ _HELP = {
     "curve_allow": "DIR of allowed public *.key files, for workers and clients",
     "curve_allow_workers": "DIR of workers' allowed public *.key files (instead of --curve-allow)",
     "curve_allow_clients": "DIR of clients' allowed public *.key files (instead of --curve-allow)",
+    "curve_allow_admins": "DIR of public *.key files that may drain nodes (besides the broker's "
+                          "own key); with keyed clients, no other client may",
     "insecure": "allow a non-loopback tcp bind without CURVE keys",
     "metrics": "HOST:PORT to serve Prometheus metrics on (http://HOST:PORT/metrics); a bare "
                "PORT or :PORT binds loopback, port 0 picks a free one; empty: off",

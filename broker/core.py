@@ -69,6 +69,9 @@ class BrokerCore:
         self.on_chunk = self.workers.on_chunk
         # Refused CURVE handshakes so far; the socket loop, which sees them, replaces this.
         self.auth_failures: Callable[[], int] = lambda: 0
+        # Who may drain nodes and mark models failed, by CURVE key (broker/auth.py); the
+        # socket loop sets it. None: a client on a socket without keys.
+        self.may_operate: Callable[[str | None], bool] = lambda user: True
 
     # -- read-only views of the state (tests, the loop, status) ----------------------------
 
@@ -128,8 +131,9 @@ class BrokerCore:
 
     # -- client side -----------------------------------------------------------------------
 
-    def on_client_frames(self, frames: list[bytes]) -> None:
-        """One message from the client socket: ``[ident, VERSION, body]``, or garbage."""
+    def on_client_frames(self, frames: list[bytes], user: str | None = None) -> None:
+        """One message from the client socket: ``[ident, VERSION, body]``, or garbage;
+        ``user`` is the sender's CURVE public key when the socket authenticates clients."""
         state = self.state
         state.touch()
         ident = frames[0]
@@ -157,6 +161,10 @@ class BrokerCore:
                     self.on_cancel(ident, msg.id)
                 elif isinstance(msg, Ping):
                     state.send_client(ident, encode(Pong(at=msg.at)))
+                elif isinstance(msg, (MarkModelFailed, DrainNode)) and not self.may_operate(user):
+                    self._refuse_client(ident, "operator_refused", ErrorCode.INVALID_REQUEST,
+                                        "draining nodes and marking models failed needs the "
+                                        "broker's own key or one in --curve-allow-admins")
                 elif isinstance(msg, MarkModelFailed):
                     self.on_model_failed(msg.model, msg.reason)
                 elif isinstance(msg, DrainNode):

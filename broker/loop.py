@@ -28,13 +28,20 @@ import zmq
 import zmq.utils.monitor
 
 from tokenhive import transport
-from tokenhive.broker.auth import CLIENTS_DOMAIN, WORKERS_DOMAIN, broker_curve
+from tokenhive.broker.auth import CLIENTS_DOMAIN, WORKERS_DOMAIN, broker_curve, operator_check
 from tokenhive.broker.core import BrokerCore
 from tokenhive.broker.packs import on_pack
 from tokenhive.broker.sink import FULL, GONE, SENT
 from tokenhive.schemas.config import BrokerConfig
 from tokenhive.schemas.frames import VERSION_FRAME
-from tokenhive.transport import EVENTS, POLLIN, recv_routed, recv_routed_user, send_triple
+from tokenhive.transport import (
+    EVENTS,
+    POLLIN,
+    recv_routed,
+    recv_routed_sender,
+    recv_routed_user,
+    send_triple,
+)
 
 log = logging.getLogger("tokenhive.broker")
 
@@ -71,12 +78,14 @@ class BrokerServer:
             self._monitors.append(transport.watch_handshakes(self.backend, "workers"))
         # keyed workers: read each Ready's sender key (the User-Id ZAP gave it)
         self._keyed_workers = worker_keys is not None
+        self._keyed_clients = client_keys is not None  # operator messages check the key
         # The sockets' C-level methods: half the cost per frame of pyzmq's wrappers, and
         # the hot path receives 4 frames and sends 3 per chunk.
         self._send_client, self._recv_client, self._get_client = transport.raw(self.frontend)
         self._send_worker, self._recv_worker, self._get_worker = transport.raw(self.backend)
         self.core = BrokerCore(config, self)
         self.core.auth_failures = self._auth_failures
+        self.core.may_operate = operator_check(config, curve)
         self._backlog: dict[bytes, deque[bytes]] = {}  # slow clients: bodies not yet sent
         self._overflowed: set[bytes] = set()
         # A backlogged client's pipe is retried every this many new messages, not only on
@@ -209,13 +218,18 @@ class BrokerServer:
     def _drain_clients(self) -> bool:
         recv = self._recv_client
         core = self.core
+        keyed = self._keyed_clients
+        user: str | None = None
         for _ in range(BATCH):
             try:
-                frames = recv_routed(recv)
+                if keyed:
+                    frames, user = recv_routed_sender(recv)
+                else:
+                    frames = recv_routed(recv)
             except zmq.Again:
                 return False
             try:
-                core.on_client_frames(frames)
+                core.on_client_frames(frames, user)
             except Exception:
                 core.counts["internal_errors"] += 1
                 log.exception("internal error on a client message")

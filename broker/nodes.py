@@ -138,7 +138,8 @@ class NodeBook:
                 ids.setdefault(worker.node, []).append(worker.name)
         return [
             NodeStatus(
-                id=n.id, health=n.health, draining=n.draining or n.stopping, host=n.host,
+                id=n.id, health=n.health, draining=n.draining or n.stopping,
+                stopping=n.stopping, host=n.host,
                 gpus=n.gpus, workers=sorted(ids.get(n.id, [])), detail=n.detail,
                 last_seen_s=round(now - n.last_report, 3) if n.agent else 0.0, agent=n.agent,
             )

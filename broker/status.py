@@ -43,6 +43,7 @@ COUNTERS = (
     "client_overflows",  # clients cut off because they did not read their streams
     "send_failures",     # broker sends that found the peer gone or full
     "worker_claims_refused",  # a Ready for a worker id registered to another CURVE key
+    "operator_refused",  # a drain or mark-failed from a client key that is not an admin
     "node_reports",      # NodeReports received from node agents
     "nodes_down",        # nodes declared down because their agent's reports stopped
     "internal_errors",   # exceptions caught by the loop (bugs); the broker keeps serving

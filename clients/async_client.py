@@ -161,8 +161,14 @@ class AsyncClient:
         self._conn.send(DrainNode(node=node, drain=drain))
         status = await self.status(timeout)
         for entry in status.nodes:
-            if entry.id == node:
-                return entry
+            if entry.id != node:
+                continue
+            if entry.draining != drain and not entry.stopping:  # a stopping node stays drained
+                raise InvalidRequest(
+                    f"the broker did not {'drain' if drain else 'undrain'} node {node!r}: with "
+                    "CURVE keys that needs the broker's own key or one in its "
+                    "--curve-allow-admins")
+            return entry
         known = ", ".join(n.id for n in status.nodes) or "none"
         raise InvalidRequest(f"no node {node!r} at the broker (known: {known})")
 

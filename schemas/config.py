@@ -109,6 +109,9 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     curve_allow: str = ""
     curve_allow_workers: str = ""
     curve_allow_clients: str = ""
+    # With keyed clients: public keys (a DIR of *.key) that may also send operator messages
+    # (drain a node, mark a model failed). The broker's own key always may; "" = only it.
+    curve_allow_admins: str = ""
     # bind a non-loopback tcp address without CURVE (anyone on the network may connect)
     insecure: bool = False
 

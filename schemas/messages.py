@@ -294,7 +294,8 @@ class NodeHealth(enum.StrEnum):
 class NodeStatus(msgspec.Struct, omit_defaults=True):
     id: str
     health: NodeHealth
-    draining: bool = False
+    draining: bool = False  # takes no new work: drained by an operator, or stopping
+    stopping: bool = False  # its agent is stopping (drains its workers, then leaves)
     host: str = ""
     gpus: list[GpuInfo] = msgspec.field(default_factory=list)
     workers: list[str] = msgspec.field(default_factory=list)  # registered worker ids

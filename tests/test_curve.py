@@ -20,7 +20,7 @@ import pytest
 import uvloop
 
 from tokenhive.clients import AsyncClient, Client
-from tokenhive.schemas.errors import BrokerUnavailable
+from tokenhive.schemas.errors import BrokerUnavailable, InvalidRequest
 from tokenhive.schemas.messages import StatusReply
 from tokenhive.transport import CurveKeys, load_curve_keys
 
@@ -352,3 +352,36 @@ def test_up_with_keys_starts_its_keyed_workers_and_readiness_client(tmp_path: Pa
     finally:
         up.terminate()
         assert up.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(90)
+def test_only_admin_keys_may_drain_nodes(tmp_path: Path, keys: Keys) -> None:
+    """With keyed clients, draining a node (an operator message) needs the broker's own key
+    or one in --curve-allow-admins, read at each check; an ordinary allowed client is
+    refused, counted, and its drain changes nothing."""
+    admins = tmp_path / "admins"
+    admins.mkdir()
+    with start_broker(tmp_path, clients="tcp://127.0.0.1:0", workers="tcp://127.0.0.1:0",
+                      heartbeat_interval=0.2, curve_secret_key=keys.secret("broker"),
+                      curve_allow=str(keys.allow), curve_allow_admins=str(admins)) as proc:
+        worker = start_worker(proc.workers, tmp_path, *keys.flags("worker1"), "--node", "n1",
+                              worker_id="w1")
+        try:
+            async def scenario() -> None:
+                operator = load_curve_keys(keys.secret("broker"), keys.public("broker"))
+                async with AsyncClient(proc.clients, curve=keys.client()) as client, \
+                        AsyncClient(proc.clients, curve=operator) as head:
+                    await wait_status(client, lambda s: [n.id for n in s.nodes] == ["n1"])
+                    with pytest.raises(InvalidRequest, match="curve-allow-admins"):
+                        await client.drain_node("n1")
+                    status = await client.status()
+                    assert status.counters["operator_refused"] == 1
+                    assert not status.nodes[0].draining
+                    assert (await head.drain_node("n1")).draining  # the broker's own key
+                    assert not (await head.drain_node("n1", drain=False)).draining
+                    shutil.copy(keys.public("client"), admins)  # made an admin, no restart
+                    assert (await client.drain_node("n1")).draining
+                    assert (await client.status()).counters["operator_refused"] == 1
+            run(scenario())
+        finally:
+            worker.stop()

@@ -399,6 +399,23 @@ def recv_routed_user(recv: Callable[..., Any]) -> tuple[list[bytes], str | None]
     return frames, user
 
 
+def recv_routed_sender(recv: Callable[..., Any]) -> tuple[list[bytes], str | None]:
+    """``recv_routed`` plus the message's ZAP User-Id (the sender's CURVE public key, z85),
+    read from its last frame; None on a socket without ZAP. For the client socket, whose
+    messages are few (requests, not chunks)."""
+    frames = [recv(NOBLOCK)]
+    frame = recv(NOBLOCK, copy=False)
+    frames.append(frame.bytes)
+    while frame.more:
+        frame = recv(NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    try:
+        user: str | None = frame.get("User-Id")
+    except zmq.ZMQError:
+        user = None
+    return frames, user
+
+
 def recv_routed(recv: Callable[..., Any]) -> list[bytes]:
     """``recv_message`` for a ROUTER: the identity frame needs no "more" check, a ROUTER
     always delivers it with at least one frame after it."""

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconnect-max", type=float, help="reconnect backoff ceiling, seconds")
     parser.add_argument("--drain-timeout", type=float,
                         help="on SIGTERM, seconds to let in-flight work finish")
+    parser.add_argument("--node", help="the node it runs under, for grouping and node health "
+                                       "(default: $TOKENHIVE_NODE, which `tokenhive node` sets)")
     parser.add_argument("--curve-secret-key", metavar="FILE",
                         help="our CURVE key pair (a *.key_secret file) for a keyed broker")
     parser.add_argument("--curve-server-key", metavar="FILE",
@@ -111,7 +113,8 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
     """The WorkerConfig a command line describes; ConfigError / ValidationError if none."""
     raw: dict[str, Any] = {"spec": build_spec(args)}
     for flag in ("broker", "heartbeat_interval", "heartbeat_liveness", "reconnect_max",
-                 "drain_timeout", "curve_secret_key", "curve_server_key", "pack_chunks"):
+                 "drain_timeout", "curve_secret_key", "curve_server_key", "pack_chunks",
+                 "node"):
         value = getattr(args, flag)
         if value is not None:
             raw[flag] = value

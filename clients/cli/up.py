@@ -75,6 +75,8 @@ CURVE_FLAGS = {
     "--curve-allow": "DIR of allowed public *.key files, for workers and clients",
     "--curve-allow-clients": "DIR of clients' allowed public *.key files",
     "--curve-allow-workers": "DIR of workers' allowed public *.key files",
+    "--curve-allow-admins": "DIR of public *.key files that may drain nodes (besides the "
+                            "broker's own key)",
 }
 
 
@@ -82,7 +84,7 @@ def with_curve(config: PoolConfig, args: argparse.Namespace) -> PoolConfig:
     """The CURVE flags given, over the pool file's [broker] settings."""
     given = {name: getattr(args, name) for name in (
         "curve_secret_key", "curve_allow", "curve_allow_clients", "curve_allow_workers",
-        "insecure") if getattr(args, name, None) is not None}
+        "curve_allow_admins", "insecure") if getattr(args, name, None) is not None}
     if not given:
         return config
     return msgspec.structs.replace(config, broker=msgspec.structs.replace(config.broker,
