@@ -93,7 +93,9 @@ def worker_row(w: WorkerStatus) -> tuple[str, ...]:
 def node_line(node: NodeStatus) -> str:
     """``node gpu-1 (host a): ok, draining; 2 GPUs, 12.5/160.0 GiB used; ...``"""
     parts = [node.health.value]
-    if node.draining:
+    if node.stopping:
+        parts.append("stopping")
+    elif node.draining:
         parts.append("draining")
     if node.detail:
         parts.append(node.detail)
