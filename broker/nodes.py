@@ -167,10 +167,6 @@ def _judge(node: Node, workers: list[Worker], now: float,
         problems.append(f"{len(node.restarting)} restarting")
     if node.failed:
         problems.append(f"{len(node.failed)} failed for good")
-    if node.stopping:
-        problems.append("stopping")
-    if not problems:
+    if not problems:  # a stopping node is not less healthy: it shows as stopping (rank 2)
         return NodeHealth.OK, ""
-    if node.stopping and len(problems) == 1:
-        return NodeHealth.OK, "stopping"
     return NodeHealth.DEGRADED, "; ".join(problems)
