@@ -160,19 +160,21 @@ class WorkerEvents:
             self._reject(ident, "bad_frames", ErrorCode.INVALID_REQUEST, f"bad Ready: {problem}")
             return
         if user is not None:
-            owner = self.owners.setdefault(ready.worker, user)
-            if owner != user:  # another key claims a registered id: it may not evict it
-                log.warning("worker id claimed with another key", extra={
-                    "worker": ready.worker, "key": user[:8]})
-                self._reject(ident, "worker_claims_refused", ErrorCode.INVALID_REQUEST,
-                             f"worker id {ready.worker!r} is registered to another key")
-                return
-            # A node's workers use its key (the agent hands it to them): a worker of another
-            # key may not put itself in that node's group, and so share its health and rank.
-            if ready.node and self.node_owners.setdefault(ready.node, user) != user:
-                self._reject(ident, "worker_claims_refused", ErrorCode.INVALID_REQUEST,
-                             f"node {ready.node!r} is registered to another key")
-                return
+            # An id belongs to the first key that used it: another key may not evict a
+            # worker, nor put itself in a node's group (a node's workers use its key, the
+            # agent hands it to them). Both are checked before either is bound, so a refused
+            # Ready binds nothing.
+            for table, name, what in ((self.owners, ready.worker, "worker id"),
+                                      (self.node_owners, ready.node, "node")):
+                if name and table.get(name, user) != user:
+                    log.warning("id claimed with another key", extra={
+                        "worker": ready.worker, "node": ready.node, "key": user[:8]})
+                    self._reject(ident, "worker_claims_refused", ErrorCode.INVALID_REQUEST,
+                                 f"{what} {name!r} is registered to another key")
+                    return
+            self.owners.setdefault(ready.worker, user)
+            if ready.node:
+                self.node_owners.setdefault(ready.node, user)
         state, registry = self.state, self.state.registry
         previous = registry.get(ident)
         if previous is not None and not previous.active and not previous.cancelling:

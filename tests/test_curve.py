@@ -385,3 +385,20 @@ def test_only_admin_keys_may_drain_nodes(tmp_path: Path, keys: Keys) -> None:
             run(scenario())
         finally:
             worker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_key_removed_from_the_allow_list_is_refused_without_a_restart(
+        tmp_path: Path, keys: Keys, broker: Proc) -> None:
+    """The allow-list directory is read at each handshake: once a client's key file is gone,
+    its next connection is refused (and counted), with the broker still running."""
+    async def scenario() -> None:
+        async with AsyncClient(broker.clients, curve=keys.client("worker1")) as watcher:
+            async with AsyncClient(broker.clients, curve=keys.client()) as client:
+                await client.status(timeout=5)  # allowed now
+            (keys.allow / "client.key").unlink()
+            async with AsyncClient(broker.clients, curve=keys.client()) as revoked:
+                with pytest.raises(BrokerUnavailable):
+                    await revoked.status(timeout=1.5)
+            await wait_status(watcher, lambda s: s.counters["auth_failures"] >= 1)
+    run(scenario())

@@ -16,7 +16,6 @@ dispatch.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from tokenhive.transport import load_curve_keys
 
 from .support.netns import Hosts, kill_all
 from .support.procs import Proc, start_process
+from .test_sidecar_lifecycle import descendants
 
 CLI = [sys.executable, "-m", "tokenhive.clients.cli.main"]
 NODES = ("n1", "n2")
@@ -73,20 +73,6 @@ def make_keys(root: Path) -> Path:
         if name != "broker":
             (allow / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
     return keys
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children, from /proc (the agent's workers run in sessions of their own)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 @pytest.fixture(params=["netns", "loopback"])
@@ -131,7 +117,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
             cluster.kill_node = hosts.kill_all
         else:
             cluster.kill_node = lambda name: kill_all(
-                [cluster.nodes[name].popen.pid, *children_of(cluster.nodes[name].popen.pid)])
+                [cluster.nodes[name].popen.pid, *descendants(cluster.nodes[name].popen.pid)])
         yield cluster
     finally:
         for proc in reversed(procs):

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.test_broker_core import C1, Harness
+from tokenhive.clients.cli.status import render
 from tokenhive.schemas.errors import ErrorCode
 from tokenhive.schemas.frames import VERSION_FRAME, encode
 from tokenhive.schemas.messages import (
@@ -206,3 +207,22 @@ def test_with_keys_a_node_and_its_workers_belong_to_the_first_key() -> None:
     a = node_of(h, "a")
     assert a.workers == ["wa1"] and not a.draining and a.health is NodeHealth.OK
     assert h.status().counters["worker_claims_refused"] == 2
+
+
+@pytest.mark.timeout(30)
+def test_status_table_groups_workers_under_their_node() -> None:
+    """`tokenhive status` renders the core's own reply: each node's line (health, GPUs and
+    their memory, draining or stopping), then its workers, indented under it."""
+    h = Harness()
+    two_nodes(h)
+    h.ready(b"loose")  # a worker under no node
+    h.client(C1, DrainNode(node="b"))
+    report(h, "a", ["wa1", "wa2"], stopping=True, gpus=[
+        GpuInfo(index=0, name="H200", memory_used_mb=2048.0, memory_total_mb=143771.0)])
+    lines = render(h.status(), "tcp://head:5555").splitlines()
+    a = lines.index("node a (a.lan): ok; stopping; 1 GPUs (H200), 2.0/140.4 GiB used")
+    b = lines.index("node b (b.lan): ok; draining; 1 GPUs (H200), 1.0/140.4 GiB used")
+    loose = lines.index("no node")
+    assert [line.split()[0] for line in lines[a + 2:a + 4]] == ["wa1", "wa2"]
+    assert lines[b + 2].split()[0] == "wb1" and lines[loose + 2].split()[0] == "loose"
+    assert all(line.startswith("  ") for line in lines[a + 1:a + 4])

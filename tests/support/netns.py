@@ -1,7 +1,8 @@
 """Hosts for multi-node tests: Linux network namespaces joined by veth links to one bridge.
 
 ``Hosts.make(["head", "n1", "n2"])`` gives each name a namespace with its own address on
-10.77.N.0/24 (``hosts.address("n1")``), and the test's own (root) namespace one more on the
+198.18.N.0/24 (``hosts.address("n1")``; RFC 2544 sets that range aside for benchmarks, so no
+real network on the host is shadowed), and the test's own (root) namespace one more on the
 same bridge, so the test process talks to them over real TCP between network stacks. Needs
 root and iproute2; ``Hosts.unavailable()`` says why not, so a test can skip with the reason
 or fall back to loopback. Everything is removed on ``close`` (namespaces die with their
@@ -69,13 +70,13 @@ class Hosts:
         return hosts
 
     def _root_address(self) -> str:
-        return f"10.77.{self.subnet}.254"
+        return f"198.18.{self.subnet}.254"
 
     def namespace(self, name: str) -> str:
         return f"th{self.tag}{name}"
 
     def address(self, name: str) -> str:
-        return f"10.77.{self.subnet}.{self.names.index(name) + 1}"
+        return f"198.18.{self.subnet}.{self.names.index(name) + 1}"
 
     def _add(self, name: str, index: int) -> None:
         ns = self.namespace(name)
@@ -86,7 +87,7 @@ class Hosts:
         _ip("link", "set", inner, "netns", ns)
         _ip("link", "set", outer, "master", self._bridge)
         _ip("link", "set", outer, "up")
-        _ip("-n", ns, "addr", "add", f"10.77.{self.subnet}.{index}/24", "dev", inner)
+        _ip("-n", ns, "addr", "add", f"198.18.{self.subnet}.{index}/24", "dev", inner)
         _ip("-n", ns, "link", "set", inner, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
 
